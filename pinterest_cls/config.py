@@ -1,0 +1,62 @@
+"""Config plumbing shared by every verb: the conf/ folder, resolvers, and the locations others rely on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import UserError
+
+#: conf/ at the repository top level, beside the package.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+#: ``data.name`` when ``data.root`` is unset: the embedded demo export.
+DEMO_NAME = "demo"
+
+
+def _data_name(root) -> str:
+    """Default ``data.name``: the export folder's name (a CSV/parquet file's stem), or ``demo``."""
+    if root in (None, "", "null"):
+        return DEMO_NAME
+    path = Path(str(root)).expanduser()
+    name = path.stem if path.suffix.lower() in (".csv", ".parquet", ".tsv") else path.name
+    return name or path.resolve().name
+
+
+if not OmegaConf.has_resolver("pc_data_name"):
+    OmegaConf.register_new_resolver("pc_data_name", _data_name)
+
+
+def select(cfg: DictConfig, key: str):
+    """``cfg[key]`` for a dotted key, with an error naming the key when it is missing."""
+    value = OmegaConf.select(cfg, key, throw_on_missing=False, default=KeyError)
+    if value is KeyError:
+        raise UserError(f"config key '{key}' is missing; add it to the config or pass {key}=...")
+    return value
+
+
+def work_dir(cfg: DictConfig) -> Path:
+    return Path(os.path.expanduser(str(select(cfg, "paths.work")))).resolve()
+
+
+def data_dir(cfg: DictConfig) -> Path:
+    """``${paths.work}/${data.name}``: manifest, categories, scan report and embeddings live here."""
+    return work_dir(cfg) / str(select(cfg, "data.name"))
+
+
+def data_root(cfg: DictConfig) -> Path:
+    """The export to read: ``data.root``, or the demo export (generated on first use)."""
+    root = select(cfg, "data.root")
+    if root in (None, ""):
+        from .demo import ensure_demo_export
+
+        return ensure_demo_export(work_dir(cfg) / DEMO_NAME / "export")
+    path = Path(os.path.expanduser(str(root))).resolve()
+    if not path.exists():
+        raise UserError(
+            f"data.root={root} does not exist; point data.root at an export "
+            "(or leave it unset to use the embedded demo data)"
+        )
+    return path
