@@ -1,0 +1,76 @@
+"""Dataset, collate and loader that stream pins from files to uint8 batches.
+
+A file that fails to decode (changed since the scan) is reported as failed for its own row, with the
+reason; it is never replaced by a neighbour and never stops the run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
+
+
+class PinDataset(Dataset):
+    """Items ``(row, pixels | None, reason)`` for ``rows`` (global row numbers) of ``paths``.
+
+    ``transforms``: one transform, or several (one decode feeds every backbone); ``min_size``: the largest
+    resize target among them, for JPEG draft decoding.
+    """
+
+    def __init__(self, paths: Sequence[str], rows: Sequence[int], transforms, min_size: int | None,
+                 draft: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.paths = paths
+        self.rows = rows
+        self.multi = isinstance(transforms, (list, tuple))
+        self.transforms = list(transforms) if self.multi else [transforms]
+        self.min_size = min_size if draft else None
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = int(self.rows[i])
+        try:
+            image = load_rgb(self.paths[row], min_size=self.min_size, max_pixels=self.max_pixels)
+            pixels = [t(image) for t in self.transforms]
+        except ImageDecodeError as exc:
+            return row, None, str(exc)
+        except Exception as exc:  # a transform failing on odd input is still this row's failure
+            return row, None, f"{type(exc).__name__}: {exc}"
+        return row, pixels if self.multi else pixels[0], ""
+
+
+def collate_pins(items):
+    """-> (rows of decoded items: LongTensor, pixels: uint8 tensor(s) or None, failures: [(row, reason)])."""
+    ok = [(row, px) for row, px, _ in items if px is not None]
+    failures = [(row, reason) for row, px, reason in items if px is None]
+    rows = torch.tensor([row for row, _ in ok], dtype=torch.long)
+    if not ok:
+        return rows, None, failures
+    first = ok[0][1]
+    if isinstance(first, list):
+        pixels = [torch.stack([px[k] for _, px in ok]) for k in range(len(first))]
+    else:
+        pixels = torch.stack([px for _, px in ok])
+    return rows, pixels, failures
+
+
+def make_loader(dataset: PinDataset, batch_size: int, workers: int, pin_memory: bool,
+                prefetch_factor: int = 4) -> DataLoader:
+    """In-order batches; worker processes decode and resize, the main process only runs the model."""
+    workers = max(0, int(workers))
+    kwargs = {}
+    if workers > 0:
+        kwargs = dict(persistent_workers=True, prefetch_factor=prefetch_factor)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=collate_pins, pin_memory=pin_memory, drop_last=False, **kwargs)
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2)))
