@@ -215,32 +215,71 @@ def _create_timm(model_id: str, bcfg, spec: Spec | None):
         model = timm.create_model(model_id, pretrained=False, **kwargs)
         _load_translated(model, path)
         return model, {"weights": f"{spec.weights} ({path.name})", "weights_sha256": sha256_of(path)}
+    cached = _cached_weights(model_id)
+    if cached:  # timm's hub cache: no network needed
+        model = timm.create_model(model_id, pretrained=True, pretrained_cfg_overlay=dict(file=cached), **kwargs)
+        return model, {"weights": f"timm pretrained (cached {cached})", "weights_sha256": sha256_of(cached)}
+    how = (f"Download them where there is internet (timm.create_model('{model_id}', pretrained=True) caches them; "
+           f"or huggingface-cli download timm/{model_id}) and pass backbone.weights=/path/to/model.safetensors; "
+           "backbone.pretrained=false runs random weights on purpose")
+    host = _weights_host(model_id)
+    if host and not _reachable(host):
+        raise UserError(f"pretrained weights for timm model {model_id!r} are not cached and {host} cannot be "
+                        f"reached. {how}")
     try:
         model = timm.create_model(model_id, pretrained=True, **kwargs)
     except Exception as exc:
-        raise UserError(
-            f"pretrained weights for timm model {model_id!r} could not be loaded ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}). Download them where there is internet "
-            f"(timm.create_model('{model_id}', pretrained=True) caches them from the Hugging Face hub, or "
-            f"huggingface-cli download timm/{model_id}) and pass backbone.weights=/path/to/model.safetensors; "
-            "backbone.pretrained=false runs random weights on purpose"
-        ) from None
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise UserError(f"pretrained weights for timm model {model_id!r} could not be loaded "
+                        f"({type(exc).__name__}: {first}). {how}") from None
     cfg = model.pretrained_cfg or {}
     source = cfg.get("hf_hub_id") or cfg.get("url") or model_id
-    return model, {"weights": f"timm pretrained ({source})", "weights_sha256": _cached_sha(model_id)}
+    return model, {"weights": f"timm pretrained ({source})", "weights_sha256": None}
 
 
-def _cached_sha(model_id: str) -> str | None:
-    """sha256 of timm's cached weights file for ``model_id``, when it can be found."""
+def _weights_host(model_id: str) -> str | None:
+    """Host timm would download ``model_id``'s weights from (the hub honours HF_ENDPOINT)."""
+    from urllib.parse import urlparse
+
+    import timm.models
+
     try:
+        cfg = timm.models.get_pretrained_cfg(model_id)
+    except Exception:
+        return None
+    if cfg is None:
+        return None
+    if getattr(cfg, "hf_hub_id", None):
+        return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    return urlparse(cfg.url).hostname if getattr(cfg, "url", None) else None
+
+
+def _reachable(host: str, timeout: float = 2.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached_weights(model_id: str) -> str | None:
+    """timm's cached weights file for ``model_id`` (Hugging Face hub cache), when there is one."""
+    try:
+        import timm.models
         from huggingface_hub import try_to_load_from_cache
 
+        cfg = timm.models.get_pretrained_cfg(model_id)
+        repo = getattr(cfg, "hf_hub_id", None) if cfg else None
+        if not repo:
+            return None
         for fname in ("model.safetensors", "pytorch_model.bin"):
-            p = try_to_load_from_cache(f"timm/{model_id}", fname)
+            p = try_to_load_from_cache(repo, fname)
             if isinstance(p, str) and os.path.isfile(p):
-                return sha256_of(p)
+                return p
     except Exception:
-        pass
+        return None
     return None
 
 

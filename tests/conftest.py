@@ -24,9 +24,10 @@ def make_cfg(verb: str, overrides: list[str]):
         return compose(config_name=verb, overrides=overrides)
 
 
-def run_verb(verb: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_verb(verb: str, *args: str, cwd: Path, timeout: float = 300, env: dict | None = None
+             ) -> subprocess.CompletedProcess:
     """Run ``python -m pinterest_cls.<verb> args...`` in a subprocess, as a user would."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", f"pinterest_cls.{verb}", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

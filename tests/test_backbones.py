@@ -1,0 +1,124 @@
+"""Backbone registry: real efficientnet_lite0 weights, local weight files, pooling, pixels, errors."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from sklearn.datasets import load_sample_images
+
+from pinterest_cls import backbones
+from pinterest_cls.backbones import REGISTRY, build_backbone
+from pinterest_cls.errors import UserError
+
+from .conftest import make_cfg
+
+
+def bcfg(name, **kw):
+    """The backbone config group exactly as Hydra composes it for backbone=<name>."""
+    overrides = [f"backbone={name}"] + [f"backbone.{k}={'null' if v is None else v}" for k, v in kw.items()]
+    return make_cfg("extract", overrides).backbone
+
+
+def test_every_registered_backbone_has_a_config_and_a_timm_model():
+    for name, spec in REGISTRY.items():
+        cfg = bcfg(name)
+        assert cfg.name == name and cfg.model == spec.model
+        assert timm.is_model(spec.model) and spec.model in timm.list_pretrained(spec.model.split(".")[0] + "*")
+    sizes = {n: bcfg(n).image_size for n in REGISTRY if n.startswith("efficientnet_v2")}
+    assert sizes == {"efficientnet_v2_b0": 224, "efficientnet_v2_b1": 240, "efficientnet_v2_b2": 260,
+                     "efficientnet_v2_b3": 300, "efficientnet_v2_s": 384, "efficientnet_v2_m": 480,
+                     "efficientnet_v2_l": 480}
+    assert bcfg("xception").image_size == 299
+
+
+def test_efficientnet_lite0_real_weights_classify_sample_photos():
+    """The package's EfficientNet-PyTorch weights, translated by rule, give ImageNet's right answers."""
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()  # with its 1000-class head
+    backbones._load_translated(model, backbones._package_weights("package:efficientnet_lite0"))
+    feat = build_backbone(bcfg("efficientnet_lite0"))
+    assert feat.info["weights"].startswith("package:efficientnet_lite0") and len(feat.info["weights_sha256"]) == 64
+    photos = load_sample_images()
+    expected = {"china.jpg": 698, "flower.jpg": 985}  # palace, daisy
+    for path, arr in zip(photos.filenames, photos.images):
+        x = feat.transform(Image.fromarray(arr)).unsqueeze(0)
+        assert x.dtype == torch.uint8 and x.shape == (1, 3, 224, 224)
+        with torch.inference_mode():
+            features = feat.model(x)
+            logits = model.get_classifier()(features)
+            direct = model(feat.model.normalize(x))
+        assert int(logits.argmax()) == expected[path.rsplit("/", 1)[-1]]
+        torch.testing.assert_close(logits, direct, rtol=1e-4, atol=1e-4)
+    assert features.shape == (1, 1280) and feat.dim == 1280
+
+
+def test_translation_is_by_rule():
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = {"_blocks.0._depthwise_conv.weight": 0, "_blocks.3._depthwise_conv.weight": 1,
+             "_blocks.3._bn2.bias": 2, "_blocks.3._expand_conv.weight": 3, "_bn1.weight": 4, "_conv_stem.weight": 5}
+    out = backbones.efficientnet_pytorch_to_timm(state, model)
+    # block 3 is the first block of stage 2 (stages of lite0: 1, 2, 2, 3, 3, 4, 1)
+    assert out == {"blocks.0.0.conv_dw.weight": 0, "blocks.2.0.conv_dw.weight": 1, "blocks.2.0.bn3.bias": 2,
+                   "blocks.2.0.conv_pw.weight": 3, "bn2.weight": 4, "conv_stem.weight": 5}
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_weights_file_keeps_pretrained_config(tmp_path, suffix):
+    torch.manual_seed(1)
+    source = timm.create_model("test_convnext", pretrained=False).eval()
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".pth":
+        torch.save(source.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), str(path))
+    b = build_backbone(bcfg("timm", model="test_convnext.r160_in1k", weights=str(path)))
+    assert b.info["weights"] == str(path) and b.info["input_size"] == 160  # timm's pretrained config kept
+    x = torch.randint(0, 256, (2, 3, 160, 160), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = source.forward_head(source.forward_features(b.model.normalize(x)), pre_logits=True)
+        torch.testing.assert_close(b.model(x), expected)
+
+
+def test_keras_avg_pool_is_plain_average_of_forward_features():
+    torch.manual_seed(0)
+    timm_pool = build_backbone(bcfg("timm", model="test_convnext", pretrained=False))
+    torch.manual_seed(0)
+    keras = build_backbone(bcfg("timm", model="test_convnext", pretrained=False, pool="keras_avg"))
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        fmap = keras.model.model.forward_features(keras.model.normalize(x))
+        torch.testing.assert_close(keras.model(x), fmap.mean(dim=(2, 3)))
+        assert not torch.allclose(timm_pool.model(x), keras.model(x))  # ConvNeXt's head adds a LayerNorm
+
+
+def test_image_size_override_and_pixels_baseline():
+    b = build_backbone(bcfg("timm", model="test_efficientnet", pretrained=False, image_size=128))
+    assert b.info["input_size"] == 128
+    assert b.transform(Image.new("RGB", (300, 200))).shape == (3, 128, 128)
+    px = build_backbone(bcfg("pixels"))
+    img = Image.new("RGB", (90, 60), (255, 0, 51))
+    x = px.transform(img).unsqueeze(0)
+    out = px.model(x)
+    assert px.dim == 32 * 32 * 3 and out.shape == (1, px.dim)
+    np.testing.assert_allclose(out.view(3, 32, 32)[:, 0, 0].numpy(), [1.0, 0.0, 0.2], atol=1e-6)
+    gray = build_backbone(bcfg("pixels", grayscale=True, image_size=16))
+    assert gray.dim == 256 and gray.model(gray.transform(img).unsqueeze(0)).shape == (1, 256)
+
+
+def test_unknown_names_and_missing_weights(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="backbone='resnet_nope' is not registered; choose one of: .*convnext_base"):
+        build_backbone(OmegaConf.create({"name": "resnet_nope", "kind": "resnet_nope"}))
+    with pytest.raises(UserError, match="backbone.model='no_such_net' is not a timm model"):
+        build_backbone(bcfg("timm", model="no_such_net"))
+    with pytest.raises(UserError, match="backbone.weights=.*missing.pth does not exist"):
+        build_backbone(bcfg("convnext_tiny", weights=str(tmp_path / "missing.pth")))
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # a hub that cannot be reached, wherever this runs
+    with pytest.raises(UserError) as err:
+        build_backbone(bcfg("convnext_tiny"))
+    msg = str(err.value)
+    assert "'convnext_tiny.fb_in1k' are not cached and hub.invalid cannot be reached" in msg
+    assert "backbone.weights=/path/to/model.safetensors" in msg
+    assert "backbone.pretrained=false" in msg

@@ -1,0 +1,136 @@
+"""extract: row alignment, per-row failures, kill -9 resume, shards, refusal on mismatch, MLflow run."""
+
+import json
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from pinterest_cls.backbones import build_backbone
+from pinterest_cls.catalog import load_manifest
+from pinterest_cls.errors import UserError
+from pinterest_cls.extract import KILL_ENV, extract
+from pinterest_cls.images import load_rgb
+from pinterest_cls.store import open_embeddings
+
+from .conftest import make_cfg, make_pinterest_export, run_verb
+
+TINY = ["backbone=timm", "backbone.model=test_efficientnet", "backbone.pretrained=false",
+        "backbone.image_size=64", "extract.batch_size=4", "extract.workers=0", "mlflow.enabled=false"]
+
+
+@pytest.fixture
+def export(tmp_path):
+    boards = {("ann", "b1"): "cats", ("ann", "b2"): "dogs", ("bob", "b3"): "cats", ("bob", "b4"): "Other"}
+    return make_pinterest_export(tmp_path / "exp", boards, pins_per_board=8, size=(120, 160))
+
+
+def cfg_for(work, export, *extra):
+    return make_cfg("extract", [f"paths.work={work}", f"data.root={export}", *TINY, *extra])
+
+
+def store_of(work, name="test_efficientnet"):
+    return open_embeddings(work / "exp" / "embeddings" / name)
+
+
+def test_rows_align_with_manifest_and_failures_stay_in_their_row(tmp_path, export):
+    work = tmp_path / "w"
+    cfg = cfg_for(work, export, "extract.amp=off", "store.dtype=float32")
+    from pinterest_cls.scan import scan
+
+    scan(cfg, progress=False)
+    ok = load_manifest(work / "exp").query("status == 'ok'").reset_index(drop=True)
+    broken = ok.loc[5, "path"]  # changed after the scan: now unreadable
+    with open(broken, "wb") as f:
+        f.write(b"this is no longer a jpeg")
+    meta = extract(cfg, progress=False)
+    emb, index, _ = store_of(work)
+    assert emb.shape == (24, meta["dim"]) and emb.dtype == np.float32 and len(index) == len(ok)
+    assert list(index["path"]) == list(ok["path"])
+    assert meta["complete"] and meta["rows_failed"] == 1
+    assert not index.loc[5, "embedded"] and index.loc[5, "reason"] == "cannot identify image file"
+    assert index.drop(index=5)["embedded"].all()
+    assert not emb[5].any()
+    torch.manual_seed(0)
+    b = build_backbone(cfg.backbone)
+    for row in (0, 4, 6, 23):  # each row holds the features of its own image, not a neighbour's
+        x = b.transform(load_rgb(ok.loc[row, "path"], min_size=b.resize_size)).unsqueeze(0)
+        with torch.inference_mode():
+            expected = b.model(x)[0].numpy()
+        np.testing.assert_allclose(emb[row], expected, rtol=1e-4, atol=1e-4)
+    # a re-run of a complete store does nothing and keeps it
+    before = emb.copy()
+    assert extract(cfg, progress=False)["complete"]
+    np.testing.assert_array_equal(store_of(work)[0], before)
+
+
+def test_resume_after_kill_is_bitwise_identical(tmp_path, export):
+    args = [f"data.root={export}", *TINY, "extract.workers=2", "extract.commit_every=2"]
+    full = run_verb("extract", f"paths.work={tmp_path / 'a'}", *args, cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    reference = np.load(tmp_path / "a" / "exp" / "embeddings" / "test_efficientnet" / "embeddings.npy")
+    work = tmp_path / "b"
+    for kill_after, committed in [(3, 8), (1, 8)]:  # killed once after a commit, once before the next
+        proc = run_verb("extract", f"paths.work={work}", *args, cwd=tmp_path, env={KILL_ENV: str(kill_after)})
+        assert proc.returncode == -signal.SIGKILL
+        meta = json.loads((work / "exp" / "embeddings" / "test_efficientnet" / "meta.json").read_text())
+        records = list((work / "exp" / "embeddings" / "test_efficientnet" / "progress").glob("*.json"))
+        assert len(records) == 1 and json.loads(records[0].read_text())["done"] == committed
+        assert not meta["complete"]
+    proc = run_verb("extract", f"paths.work={work}", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming shard 0/1 rows [0, 24) at row 8" in proc.stdout
+    emb, index, meta = store_of(work)
+    assert meta["complete"] and index["embedded"].all()
+    assert emb.tobytes() == reference.tobytes()
+
+
+def test_shards_equal_a_single_run(tmp_path, export):
+    extract(cfg_for(tmp_path / "single", export), progress=False)
+    single = store_of(tmp_path / "single")[0].copy()
+    work = tmp_path / "sharded"
+    m1 = extract(cfg_for(work, export, "extract.shard.index=1", "extract.shard.count=2"), progress=False)
+    assert not m1["complete"] and m1["rows_done"] == 12
+    emb, index, _ = store_of(work)
+    assert list(index["embedded"]) == [False] * 12 + [True] * 12
+    m0 = extract(cfg_for(work, export, "extract.shard.index=0", "extract.shard.count=2"), progress=False)
+    assert m0["complete"] and m0["rows_done"] == 24
+    assert store_of(work)[0].tobytes() == single.tobytes()
+    with pytest.raises(UserError, match=r"extract.shard.index=2 must be in \[0, extract.shard.count=2\)"):
+        extract(cfg_for(work, export, "extract.shard.index=2", "extract.shard.count=2"), progress=False)
+
+
+def test_refuses_a_store_made_with_other_settings(tmp_path, export):
+    work = tmp_path / "w"
+    extract(cfg_for(work, export), progress=False)
+    before = store_of(work)[0].copy()
+    with pytest.raises(UserError, match=r"input_size: stored 64, now 72.*extract.overwrite=true"):
+        extract(cfg_for(work, export, "backbone.image_size=72"), progress=False)
+    assert store_of(work)[0].tobytes() == before.tobytes()  # nothing lost
+    meta = extract(cfg_for(work, export, "backbone.image_size=72", "extract.overwrite=true"), progress=False)
+    assert meta["complete"] and meta["fingerprint"]["input_size"] == 72
+
+
+def test_cli_errors_and_mlflow_run(tmp_path, export):
+    proc = run_verb("extract", f"paths.work={tmp_path}", "backbone=resnet_nope", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'backbone/resnet_nope'" in proc.stderr and "convnext_base" in proc.stderr
+    proc = run_verb("extract", f"paths.work={tmp_path}", "backbone=convnext_tiny",
+                    "backbone.weights=/nonexistent/w.safetensors", cwd=tmp_path)
+    assert proc.returncode == 2 and "backbone.weights=/nonexistent/w.safetensors does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    import mlflow
+
+    work = tmp_path / "w"
+    extract(cfg_for(work, export, "mlflow.enabled=true"), progress=False)
+    mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["exp"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["backbone"] == "test_efficientnet" and run.data.params["image_size"] == "64"
+    assert run.data.metrics["failed"] == 0 and run.data.metrics["images_per_s"] > 0
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "plots")}
+    assert any(p.endswith(".png") for p in arts)
+    assert (work / "mlartifacts" / "exp").is_dir()
