@@ -191,3 +191,47 @@ def ensure_demo_export(root: Path) -> Path:
         pass
     print(f"Generating the demo export in {root} ...", flush=True)
     return generate_demo_export(Path(root))
+
+
+# --- synthetic exports for benchmarks ------------------------------------------------------------------------
+
+
+def _synthetic_pin(args) -> None:
+    i, path, width, height = args
+    rng = np.random.default_rng(i)
+    base = rng.integers(0, 256, size=(height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+    arr = np.repeat(np.repeat(base, 16, axis=0), 16, axis=1)[:height, :width]
+    im = Image.fromarray(np.ascontiguousarray(arr))
+    d = ImageDraw.Draw(im)
+    for _ in range(20):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        d.ellipse([x, y, x + int(rng.integers(20, 200)), y + int(rng.integers(20, 200))],
+                  fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, "JPEG", quality=90)
+
+
+def synthetic_export(root: Path, n: int, size: tuple[int, int] = (736, 1100), pins_per_board: int = 250,
+                     categories: int = 5) -> Path:
+    """A pinterest-layout export of ``n`` generated JPEGs of ``size`` (default: a typical Pinterest
+    close-up), for benchmarks. Made once; a later call with the same ``n`` and size reuses it."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    root = Path(root)
+    marker = root / f".synthetic_{n}_{size[0]}x{size[1]}"
+    if marker.exists():
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    jobs = []
+    for i in range(n):
+        b = i // pins_per_board
+        board = root / f"user{b // 4:03d}" / "per_board" / f"board{b:04d}"
+        if i % pins_per_board == 0:
+            board.mkdir(parents=True, exist_ok=True)
+            (board / "board_category.txt").write_text(f"category{b % categories}\n")
+        jobs.append((i, board / f"pin{i:07d}" / IMAGE_NAME, size[0], size[1]))
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(_synthetic_pin, jobs, chunksize=64))
+    marker.touch()
+    return root

@@ -223,10 +223,11 @@ def extract(cfg: DictConfig, progress: bool = True) -> dict:
     elapsed = time.perf_counter() - t_start
     rate = (hi - start) / elapsed if elapsed > 0 else float("nan")
     shard_failed = sum(1 for r in failures if lo <= int(r) < hi)
-    meta = store.finalize()
     stats = {"images_per_s": rate, "elapsed_s": elapsed, "rows": hi - start, "failed": shard_failed,
              "wait_s": sum(t[2] for t in timings), "compute_s": sum(t[3] for t in timings),
-             "micro_batch": runner.micro_batch}
+             "micro_batch": runner.micro_batch, "workers": workers, "device": device.type,
+             "amp": str(amp).replace("torch.", "") if amp else "off", "shard": shard_name}
+    meta = store.finalize({"last_run": {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()}})
     tag = f"rows_{lo:010d}_{hi:010d}_from_{start:010d}"
     _report(cfg, backbone, meta, stats, timings, folder, tag, shard_name, workers, amp, device)
     return meta

@@ -12,47 +12,12 @@ import argparse
 import os
 import platform
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
 from pinterest_cls.catalog import ScanSettings, run_scan
+from pinterest_cls.demo import synthetic_export
 
 W, H = 736, 1100
-PINS_PER_BOARD = 250
-
-
-def _make(args):
-    i, path = args
-    rng = np.random.default_rng(i)
-    base = rng.integers(0, 256, size=(H // 16 + 1, W // 16 + 1, 3), dtype=np.uint8)
-    arr = np.repeat(np.repeat(base, 16, axis=0), 16, axis=1)[:H, :W]
-    im = Image.fromarray(arr)
-    d = ImageDraw.Draw(im)
-    for _ in range(20):
-        x, y = rng.integers(0, W), rng.integers(0, H)
-        d.ellipse([x, y, x + rng.integers(20, 200), y + rng.integers(20, 200)], fill=tuple(rng.integers(0, 256, 3)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path, "JPEG", quality=90)
-
-
-def make_export(root: Path, n: int) -> Path:
-    marker = root / f".complete_{n}"
-    if marker.exists():
-        return root
-    jobs = []
-    for i in range(n):
-        board = root / f"user{i // (PINS_PER_BOARD * 4)}" / "per_board" / f"board{i // PINS_PER_BOARD}"
-        if i % PINS_PER_BOARD == 0:
-            board.mkdir(parents=True, exist_ok=True)
-            (board / "board_category.txt").write_text(f"cat{(i // PINS_PER_BOARD) % 5}\n")
-        jobs.append((i, board / f"pin{i:06d}" / "pin_closeup_image.jpg"))
-    with ProcessPoolExecutor() as pool:
-        list(pool.map(_make, jobs, chunksize=64))
-    marker.touch()
-    return root
 
 
 def main() -> None:
@@ -60,7 +25,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--dir", default="/tmp/scan_bench")
     args = ap.parse_args()
-    root = make_export(Path(args.dir) / "export", args.n)
+    root = synthetic_export(Path(args.dir) / "export", args.n, (W, H))
     out = Path(args.dir) / "work"
     cores = os.cpu_count()
     print(f"{args.n} JPEGs {W}x{H}, {sum(p.stat().st_size for p in root.rglob('*.jpg')) / args.n / 1e3:.0f} kB "

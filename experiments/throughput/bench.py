@@ -1,0 +1,145 @@
+"""Extraction throughput: the pipeline from files vs the model alone vs a study-style loop.
+
+    python experiments/throughput/bench.py [--n 2000] [--study-n 200] [--rss] [--dir /tmp/throughput_bench]
+
+For each backbone (efficientnet_lite0 with its real weights; convnext_tiny with random weights, since its
+pretrained weights cannot be downloaded here, which does not change its speed), on N generated 736x1100 JPEGs:
+  (a) the model alone on preloaded uint8 tensors (same batch size, AMP and channels_last as extract),
+  (b) the whole pipeline from files: `extract` (DataLoader workers decode with JPEG draft + resize),
+  (c) the study's loop: one image at a time: full decode, preprocess, forward with batch size 1 in fp32,
+      each vector appended to a CSV file as a text line; also the same loop with extract's AMP, to show how
+      much of b/c comes from precision and how much from batching and the pipeline.
+Prints images/s and the ratios b/a and b/c, and (a) in fp32 vs bf16 autocast (what extract.amp=auto picks on
+this CPU). With --rss, the peak RSS of extract over 1,000 vs 10,000 images (efficientnet_lite0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from pinterest_cls.backbones import build_backbone
+from pinterest_cls.config import CONF_DIR
+from pinterest_cls.demo import synthetic_export
+from pinterest_cls.extract import Runner, extract, prepare_model, resolve_amp
+from pinterest_cls.scan import scan
+
+SIZE = (736, 1100)
+
+
+def make_cfg(overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("extract", overrides=overrides)
+
+
+def model_alone(backbone, paths, batch_size, amp, n_images, channels_last=True):
+    """(a): images/s of the model on preloaded uint8 tensors."""
+    device = torch.device("cpu")
+    runner = Runner(prepare_model(backbone.model, device, channels_last, False), device, amp, channels_last)
+    pool = torch.stack([backbone.transform(Image.open(p).convert("RGB")) for p in paths[:batch_size]])
+    runner(pool[:2])  # warm-up
+    done, t0 = 0, time.perf_counter()
+    while done < n_images:
+        runner(pool)
+        done += len(pool)
+    return done / (time.perf_counter() - t0)
+
+
+def study_loop(backbone, paths, amp, out_csv: Path):
+    """(c): one image at a time, as the study did: full decode, preprocess, forward with a batch of 1 in the
+    model's default precision (amp=None) and memory format, and the vector appended to a CSV as a text line."""
+    model = backbone.model.eval().to(memory_format=torch.contiguous_format)
+    t0 = time.perf_counter()
+    with open(out_csv, "w") as f, torch.inference_mode(), \
+            torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        for p in paths:
+            x = backbone.transform(Image.open(p).convert("RGB")).unsqueeze(0)
+            vec = model(x).float().numpy()[0]
+            f.write(",".join(f"{v:.6f}" for v in vec) + "\n")
+    return len(paths) / (time.perf_counter() - t0)
+
+
+RSS_WRAPPER = """
+import resource, subprocess, sys
+subprocess.run([sys.executable, "-m", "pinterest_cls.extract", *sys.argv[1:]], check=True,
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def rss_run(work: Path, table: Path, n: int) -> float:
+    """Peak RSS (MB) of one `extract` process or any of its DataLoader workers, over the first n pins. A
+    wrapper process runs it, so that the peak covers this extraction alone."""
+    args = [sys.executable, "-c", RSS_WRAPPER, f"paths.work={work}", f"data.root={table}", "data.layout=csv",
+            f"data.name=rss{n}", "mlflow.enabled=false", "extract.overwrite=true"]
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    return int(out.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--study-n", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "convnext_tiny"])
+    ap.add_argument("--rss", action="store_true", help="also measure peak RSS over 1k vs 10k images")
+    ap.add_argument("--rss-only", action="store_true", help="only the peak RSS measurement")
+    ap.add_argument("--dir", default="/tmp/throughput_bench")
+    args = ap.parse_args()
+    base = Path(args.dir)
+    export = synthetic_export(base / f"export{args.n}", args.n, SIZE)
+    work = base / "work"
+    print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{args.n} JPEGs {SIZE[0]}x{SIZE[1]}")
+    common = [f"paths.work={work}", f"data.root={export}", "mlflow.enabled=false", "extract.overwrite=true",
+              f"extract.batch_size={args.batch_size}"]
+    scan(make_cfg(common), progress=False)
+    rows = []
+    for name in [] if args.rss_only else args.backbones:
+        overrides = common + [f"backbone={name}"] + (["backbone.pretrained=false"] if name != "efficientnet_lite0"
+                                                     else [])
+        cfg = make_cfg(overrides)
+        shutil.rmtree(work / export.name / "embeddings" / name, ignore_errors=True)
+        torch.manual_seed(0)
+        backbone = build_backbone(cfg.backbone)
+        amp = resolve_amp("auto", torch.device("cpu"))
+        paths = pd.read_parquet(work / export.name / "manifest.parquet")["path"].tolist()
+        a = model_alone(backbone, paths, args.batch_size, amp, min(args.n, 1024))
+        a_fp32 = model_alone(backbone, paths, args.batch_size, None, min(args.n, 512))
+        meta = extract(cfg, progress=False)
+        b = meta["last_run"]["images_per_s"]
+        c = study_loop(backbone, paths[: args.study_n], None, base / "study_vectors.csv")
+        c_amp = study_loop(backbone, paths[: args.study_n], amp, base / "study_vectors.csv")
+        rows.append(dict(backbone=name, amp=str(amp).replace("torch.", "") if amp else "off",
+                         workers=meta["last_run"]["workers"], a_model=a, b_pipeline=b, c_study=c,
+                         c_one_at_a_time_amp=c_amp, b_over_a=b / a, b_over_c=b / c, b_over_c_amp=b / c_amp,
+                         a_fp32=a_fp32, bf16_over_fp32=a / a_fp32,
+                         wait_s=meta["last_run"]["wait_s"], compute_s=meta["last_run"]["compute_s"]))
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+    if rows:
+        print()
+        print(pd.DataFrame(rows).set_index("backbone").round(3).to_string())
+    if args.rss or args.rss_only:
+        big = synthetic_export(base / "export10000", 10000, SIZE)
+        scan(make_cfg([f"paths.work={work}", f"data.root={big}", "mlflow.enabled=false"]), progress=False)
+        ok = pd.read_parquet(work / big.name / "manifest.parquet").query("status == 'ok'")
+        for n in (1000, 10000):
+            t = base / f"first{n}.csv"
+            pd.DataFrame({"path": ok["path"][:n], "label": ok["category"][:n]}).to_csv(t, index=False)
+            print(f"peak RSS, extract over {n:>5} images: {rss_run(work, t, n):7.0f} MB", flush=True)
+
+
+if __name__ == "__main__":
+    main()

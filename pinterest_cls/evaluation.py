@@ -1,0 +1,112 @@
+"""Metrics and plots for classifier runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+from sklearn.preprocessing import label_binarize
+
+
+def metric_key(name: str) -> str:
+    """A category name made safe for an MLflow metric key."""
+    return re.sub(r"[^0-9A-Za-z_\-./ ]", "_", str(name)).replace(" ", "_")
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None,
+                           classes: np.ndarray) -> dict[str, float]:
+    """accuracy, macro F1, balanced accuracy, per-class precision/recall/F1; with scores also top-5 accuracy
+    (more than 5 classes), one-vs-rest ROC-AUC and PR-AUC (macro over the classes present in y_true)."""
+    out = {
+        "accuracy": skm.accuracy_score(y_true, y_pred),
+        "f1_macro": skm.f1_score(y_true, y_pred, average="macro", labels=np.unique(y_true), zero_division=0),
+        "balanced_accuracy": skm.balanced_accuracy_score(y_true, y_pred),
+    }
+    present = np.unique(y_true)
+    p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, labels=present, zero_division=0)
+    for c, pc, rc, fc in zip(present, p, r, f):
+        out[f"precision_{metric_key(c)}"] = pc
+        out[f"recall_{metric_key(c)}"] = rc
+        out[f"f1_{metric_key(c)}"] = fc
+    if scores is not None and len(classes) > 1:
+        if len(classes) > 5:
+            out["top5_accuracy"] = skm.top_k_accuracy_score(y_true, scores, k=5, labels=classes)
+        cols = [i for i, c in enumerate(classes) if c in set(present)]
+        if len(cols) >= 2:
+            onehot = label_binarize(y_true, classes=classes)
+            if onehot.shape[1] == 1:  # binary: label_binarize gives one column
+                onehot = np.column_stack([1 - onehot[:, 0], onehot[:, 0]])
+            out["roc_auc"] = skm.roc_auc_score(onehot[:, cols], scores[:, cols], average="macro")
+            out["pr_auc"] = skm.average_precision_score(onehot[:, cols], scores[:, cols], average="macro")
+    return {k: float(v) for k, v in out.items()}
+
+
+def board_accuracy(frame: pd.DataFrame) -> float:
+    """Share of boards whose majority predicted category (ties: first in sorted order) is their category."""
+    correct = []
+    for _, g in frame.groupby(["user", "board"], sort=True):
+        votes = g["prediction"].value_counts()
+        top = sorted(votes[votes == votes.max()].index)[0]
+        correct.append(top == g["truth"].iloc[0])
+    return float(np.mean(correct)) if correct else float("nan")
+
+
+def confusion_plot(y_true, y_pred, classes, path: Path, title: str = "") -> Path:
+    """Row-normalised confusion matrix with category names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = skm.confusion_matrix(y_true, y_pred, labels=classes, normalize="true")
+    cm = np.nan_to_num(cm)
+    n = len(classes)
+    size = max(4.5, 0.45 * n + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels=classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels=classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j] >= 0.005:
+                    ax.text(j, i, f"{cm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if cm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def heatmap_plot(table: pd.DataFrame, path: Path, title: str, fmt: str = "{:.3f}") -> Path:
+    """Rows x columns of numbers (NaN = missing) as an annotated heatmap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = table.to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 * table.shape[1] + 3, 0.5 * table.shape[0] + 2))
+    im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(table.shape[1]), labels=table.columns, rotation=30, ha="right")
+    ax.set_yticks(range(table.shape[0]), labels=table.index)
+    finite = values[np.isfinite(values)]
+    mid = (finite.min() + finite.max()) / 2 if finite.size else 0
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if np.isfinite(values[i, j]):
+                ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=9,
+                        color="black" if values[i, j] > mid else "white")
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

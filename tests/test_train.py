@@ -1,0 +1,182 @@
+"""train and report on real (tiny-model) embeddings of the demo export, with a real SQLite MLflow store."""
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.neighbors import KNeighborsClassifier
+
+from pinterest_cls.classifiers import FaissKNN, TorchMLP
+from pinterest_cls.errors import UserError
+from pinterest_cls.extract import extract
+from pinterest_cls.report import report
+from pinterest_cls.train import board_keys, make_splits, sample_rows, train
+
+from .conftest import make_cfg, run_verb, write_image
+
+TINY = ["backbone=timm", "backbone.model=test_efficientnet", "backbone.pretrained=false", "backbone.image_size=64"]
+SMALL_GRIDS = {
+    "svm": ["classifier.grid.C=[0.1,10]"],
+    "knn": ["classifier.grid.k=[1,5]", "classifier.grid.weights=[uniform,softmax]"],
+    "mlp": ["classifier.grid.batch_size=[32]", "classifier.estimator.max_epochs=60"],
+    "logreg": ["classifier.grid.C=[1]"],
+    "random_forest": ["classifier.grid.max_depth=[null]", "classifier.grid.max_features=[sqrt]",
+                      "classifier.estimator.n_estimators=50"],
+}
+
+
+@pytest.fixture(scope="module")
+def demo_work(tmp_path_factory):
+    """The demo export embedded by a tiny random-init model (real decodes, real store)."""
+    work = tmp_path_factory.mktemp("train") / "work"
+    extract(make_cfg("extract", [f"paths.work={work}", *TINY, "mlflow.enabled=false", "extract.workers=0"]),
+            progress=False)
+    return work
+
+
+def train_cfg(work, *extra):
+    return make_cfg("train", [f"paths.work={work}", *TINY, "train.n_jobs=1", *extra])
+
+
+@pytest.mark.parametrize("name", list(SMALL_GRIDS))
+def test_each_classifier_trains_and_logs_to_mlflow(demo_work, name):
+    result = train(train_cfg(demo_work, f"classifier={name}", "split=stratified", *SMALL_GRIDS[name]))
+    m = result["metrics"]
+    assert m["test_accuracy"] > 0.6, m  # 4 well-separated categories, chance is 0.25
+    for key in ("test_f1_macro", "test_balanced_accuracy", "cv_f1_macro", "test_roc_auc", "test_pr_auc",
+                "test_board_accuracy", "test_recall_ocean", "test_precision_forest"):
+        assert 0.0 <= m[key] <= 1.0, key
+    mlflow.set_tracking_uri(f"sqlite:///{demo_work}/mlflow.db")
+    run = mlflow.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["backbone"] == "test_efficientnet" and run.data.params["classifier"] == name
+    assert run.data.params["split"] == "stratified" and run.data.params["preprocess"] == "l2"
+    assert run.data.metrics["test_f1_macro"] == pytest.approx(m["test_f1_macro"])
+    assert run.data.tags["verb"] == "train"
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"predictions.csv", "classification_report.txt", "cv_results.csv", "plots"} <= arts
+    preds = pd.read_csv(result["output_dir"] / "predictions.csv")
+    assert list(preds.columns) == ["row", "user", "board", "pin", "path", "truth", "prediction", "score"]
+    model = mlflow.sklearn.load_model(f"runs:/{run.info.run_id}/model")
+    from pinterest_cls.store import open_embeddings
+
+    emb, _, _ = open_embeddings(demo_work / "demo" / "embeddings" / "test_efficientnet")
+    again = model.predict(np.asarray(emb[preds["row"].to_numpy()], dtype=np.float32))
+    assert list(again) == list(preds["prediction"])
+
+
+def test_splits(demo_work):
+    from pinterest_cls.store import open_embeddings
+
+    _, index, _ = open_embeddings(demo_work / "demo" / "embeddings" / "test_efficientnet")
+    frame = sample_rows(index, None, 1)
+    y = frame["category"].to_numpy()
+    group = make_splits(train_cfg(demo_work), frame, y)  # split=auto is group for the pinterest layout
+    assert group.name == "group" and group.grouped
+    (tr, te), = group.folds
+    boards = board_keys(frame)
+    assert not set(boards[tr]) & set(boards[te])  # no board on both sides
+    assert set(y[te]) == set(y) and 0.15 < len(te) / len(y) < 0.5
+    rnd = make_splits(train_cfg(demo_work, "split=random"), frame, y)
+    (tr, te), = rnd.folds
+    assert abs(len(te) - 0.2 * len(y)) <= 1 and len(tr) + len(te) == len(y)
+    kf = make_splits(train_cfg(demo_work, "split=kfold", "split.folds=3"), frame, y)
+    assert len(kf.folds) == 3 and sorted(np.concatenate([te for _, te in kf.folds])) == list(range(len(y)))
+    for tr, te in kf.folds:  # by board for the pinterest layout
+        assert not set(boards[tr]) & set(boards[te])
+    # a category with a single board is reported and kept out of test
+    one = frame[~((frame.category == "ocean") & (frame.board != "ocean_waves"))].reset_index(drop=True)
+    s = make_splits(train_cfg(demo_work), one, one["category"].to_numpy())
+    assert s.info["single_board_categories"] == ["ocean"]
+    assert "ocean" not in set(one["category"].to_numpy()[s.folds[0][1]])
+
+
+def test_kfold_metrics_have_std(demo_work):
+    r = train(train_cfg(demo_work, "classifier=logreg", "classifier.grid.C=[1]", "split=kfold", "split.folds=3",
+                        "mlflow.enabled=false"))
+    assert {"test_accuracy", "test_accuracy_std", "test_f1_macro_std"} <= set(r["metrics"])
+    preds = pd.read_csv(r["output_dir"] / "predictions.csv")
+    assert len(preds) == 145 and sorted(preds["fold"].unique()) == [0, 1, 2]
+
+
+def test_sampling_cap_and_preprocessing(demo_work):
+    r = train(train_cfg(demo_work, "classifier=logreg", "classifier.grid.C=[1]", "sampling.max_per_category=20",
+                        "preprocess.steps=[standardize,pca]", "preprocess.pca_components=10", "split=stratified",
+                        "mlflow.enabled=false"))
+    assert r["params"]["n_samples"] == 80 and r["params"]["preprocess"] == "standardize+pca10"
+
+
+def test_same_config_same_metrics(demo_work):
+    args = ["classifier=mlp", "classifier.grid.batch_size=[32,64]", "classifier.estimator.max_epochs=30",
+            "mlflow.enabled=false"]
+    a = train(train_cfg(demo_work, *args))["metrics"]
+    b = train(train_cfg(demo_work, *args))["metrics"]
+    assert a == b
+
+
+def test_report_table(demo_work, tmp_path):
+    train(train_cfg(demo_work, "classifier=knn", "classifier.grid.k=[1]", "classifier.grid.weights=[uniform]"))
+    result = report(make_cfg("report", [f"paths.work={demo_work}"]))
+    best = result["best"]
+    assert set(best["classifier"]) >= {"knn", "svm", "logreg"} and set(best["backbone"]) == {"test_efficientnet"}
+    runs = mlflow.search_runs(experiment_names=["demo"], filter_string="tags.verb = 'train'")
+    knn = runs[runs["params.classifier"] == "knn"]
+    top = knn.sort_values("metrics.cv_f1_macro", ascending=False).iloc[0]
+    cell = result["tables"]["test_f1_macro"].loc["test_efficientnet", "knn"]
+    assert cell == pytest.approx(top["metrics.test_f1_macro"])
+    out = result["dir"]
+    for f in ("report.md", "runs.csv", "test_f1_macro.csv", "test_f1_macro.png", "test_accuracy.png"):
+        assert (out / f).stat().st_size > 0
+    assert "| test_efficientnet |" in (out / "report.md").read_text()
+
+
+def test_errors(demo_work, tmp_path):
+    proc = run_verb("train", f"paths.work={tmp_path / 'empty'}", "backbone=convnext_base", cwd=tmp_path)
+    assert proc.returncode == 2 and "no embeddings for backbone convnext_base" in proc.stderr
+    assert f"run first: python -m pinterest_cls.extract backbone=convnext_base paths.work={tmp_path / 'empty'}" \
+        in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(UserError, match=r"classifier.grid.C=-1 is invalid for LinearSVC"):
+        train(train_cfg(demo_work, "classifier.grid.C=[1,-1]", "mlflow.enabled=false"))
+    with pytest.raises(UserError, match=r"classifier.grid.k=0 is invalid for FaissKNN: k must be an integer >= 1"):
+        train(train_cfg(demo_work, "classifier=knn", "classifier.grid.k=[0]", "mlflow.enabled=false"))
+    with pytest.raises(UserError, match=r"classifier.grid.gamma: LinearSVC has no parameter 'gamma'"):
+        train(train_cfg(demo_work, "+classifier.grid.gamma=[1]", "mlflow.enabled=false"))
+    # only one category left: the other's images are all unreadable
+    root = tmp_path / "one"
+    for i in range(4):
+        write_image(root / "cats" / f"{i}.jpg", seed=i)
+        write_image(root / "dogs" / f"{i}.jpg", b"broken")
+    work = tmp_path / "w1"
+    common = [f"paths.work={work}", f"data.root={root}", "data.layout=imagefolder", *TINY]
+    extract(make_cfg("extract", [*common, "mlflow.enabled=false", "extract.workers=0"]), progress=False)
+    with pytest.raises(UserError, match="only 1 category left after filtering \\(cats\\)"):
+        train(make_cfg("train", [*common, "mlflow.enabled=false"]))
+
+
+def test_faiss_knn_agrees_with_scikit_learn():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 64))
+    y = rng.integers(0, 4, 600)
+    X = centers[y] + rng.normal(scale=2.0, size=(600, 64))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    for weights in ("uniform", "distance"):
+        ours = FaissKNN(k=7, weights=weights).fit(X[:500], y[:500]).predict(X[500:])
+        ref = KNeighborsClassifier(n_neighbors=7, weights=weights, algorithm="brute").fit(X[:500], y[:500])
+        assert (ours == ref.predict(X[500:])).all()
+    soft = FaissKNN(k=7, weights="softmax").fit(X[:500], y[:500]).predict_proba(X[500:])
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0)
+
+
+def test_torch_mlp_is_a_reproducible_estimator():
+    from sklearn.base import clone
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(300, 20)).astype(np.float32)
+    y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    a = TorchMLP(max_epochs=40, random_state=3).fit(X, y)
+    b = clone(a).fit(X, y)
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+    assert (a.predict(X) == y).mean() > 0.9 and a.n_epochs_ <= 40
+    assert json.dumps(a.get_params())
