@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, config
 from .catalog import MANIFEST, file_sha256, load_manifest
@@ -92,6 +92,51 @@ class Runner:
                           file=sys.stderr, flush=True)
 
 
+def backbone_from_meta(meta: dict, check_weights: bool = True):
+    """Rebuild the backbone that made a store (``meta.json``): same config, same seed for random init, and
+    (when the store recorded one) the same weights sha256."""
+    from .backbones import build_backbone
+
+    bcfg = OmegaConf.create(meta["backbone_config"])
+    torch.manual_seed(int(meta.get("extract", {}).get("seed", 0)))
+    backbone = build_backbone(bcfg)
+    want, got = meta.get("weights_sha256"), backbone.info.get("weights_sha256")
+    if check_weights and want and got != want:
+        raise UserError(f"the weights found for backbone {meta['backbone']} ({backbone.info.get('weights')}, "
+                        f"sha256 {got}) differ from those the embeddings were made with (sha256 {want}); "
+                        "supply the original file with backbone.weights")
+    return backbone
+
+
+def embed_paths(backbone, paths: list[str], *, batch_size: int = 64, workers: int | None = None,
+                device: str = "auto", amp: str = "auto", draft: bool = True, progress: bool = False,
+                max_pixels: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """Features (len(paths) x D, float32; zeros where decoding failed) and a reason per path ("" = ok),
+    through the same Dataset, loader and runner as ``extract``."""
+    from tqdm.auto import tqdm
+
+    from .data import PinDataset, default_workers, make_loader
+    from .images import DEFAULT_MAX_PIXELS
+
+    dev = resolve_device(device)
+    runner = Runner(prepare_model(backbone.model, dev, True, False), dev, resolve_amp(amp, dev), True)
+    dataset = PinDataset(list(map(str, paths)), range(len(paths)), backbone.transform, backbone.resize_size,
+                         draft=draft, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    n_workers = default_workers() if workers is None else workers
+    loader = make_loader(dataset, batch_size, min(n_workers, max(0, len(paths) // batch_size)),
+                         pin_memory=dev.type == "cuda")
+    feats = np.zeros((len(paths), backbone.dim), dtype=np.float32)
+    reasons = [""] * len(paths)
+    with tqdm(total=len(paths), desc=f"embed {backbone.name}", unit="img", disable=not progress) as bar:
+        for rows, pixels, failed in loader:
+            if pixels is not None:
+                feats[rows.numpy()] = runner(pixels)
+            for row, reason in failed:
+                reasons[row] = reason
+            bar.update(len(rows) + len(failed))
+    return feats, reasons
+
+
 def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool, compile_: bool):
     model = model.to(device).eval()
     if channels_last:
@@ -164,6 +209,10 @@ def extract(cfg: DictConfig, progress: bool = True) -> dict:
                           ("input_size", "resize_size", "crop_pct", "interpolation", "mean", "std", "grayscale")
                           if k in backbone.info},
         "pool": backbone.info.get("pool"), "dtype": dtype,
+        # what predict/search need to embed new images exactly like these rows
+        "backbone_config": OmegaConf.to_container(cfg.backbone, resolve=True),
+        "extract": {"seed": int(ecfg.seed), "draft": bool(ecfg.draft), "amp": str(ecfg.amp),
+                    "batch_size": batch_size, "max_pixels": int(cfg.scan.max_pixels)},
         "manifest": str(config.data_dir(cfg) / MANIFEST),
         "manifest_sha256": file_sha256(config.data_dir(cfg) / MANIFEST),
         "versions": library_versions(),

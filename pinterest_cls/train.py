@@ -4,6 +4,7 @@ grid search, held-out (or k-fold) evaluation and everything logged to MLflow."""
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -350,7 +351,8 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     }
     if splits.info.get("single_board_categories"):
         params["single_board_categories"] = ",".join(splits.info["single_board_categories"])
-    run_id = _log_run(cfg, name, params, metrics, out, search.best_estimator_)
+    shutil.copyfile(folder / META, out / "embeddings_meta.json")
+    run_id = _log_run(cfg, name, params, metrics, out, search.best_estimator_, out / "embeddings_meta.json")
     elapsed = time.perf_counter() - t0
     summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("test_accuracy", "test_f1_macro",
                         "test_balanced_accuracy", "test_board_accuracy", f"cv_{cfg.train.scoring}") if k in metrics)
@@ -365,7 +367,7 @@ def _sha(path: Path) -> str:
     return file_sha256(path)
 
 
-def _log_run(cfg, name, params, metrics, out: Path, model) -> str | None:
+def _log_run(cfg, name, params, metrics, out: Path, model, store_meta: Path) -> str | None:
     from .tracking import mlflow_run
 
     tags = {"verb": "train", "backbone": params["backbone"], "classifier": params["classifier"],
@@ -380,7 +382,12 @@ def _log_run(cfg, name, params, metrics, out: Path, model) -> str | None:
         for f in ("predictions.csv", "classification_report.txt", "cv_results.csv", "metrics.json"):
             mlflow.log_artifact(str(out / f))
         mlflow.log_artifact(str(out / "confusion_matrix.png"), "plots")
+        mlflow.log_artifact(str(store_meta))  # what predict needs to rebuild the backbone
         log_model(model)
+        if cfg.train.log_pipeline:
+            from .predict import log_pipeline
+
+            log_pipeline(model, store_meta, out)
         return run.info.run_id
 
 

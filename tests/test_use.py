@@ -1,0 +1,173 @@
+"""cluster, search, predict and the served pyfunc model, on tiny-model embeddings of the demo export."""
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import joblib
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from pinterest_cls.cluster import cluster
+from pinterest_cls.errors import UserError
+from pinterest_cls.extract import extract
+from pinterest_cls.predict import predict
+from pinterest_cls.search import search
+from pinterest_cls.store import open_embeddings
+from pinterest_cls.train import train
+
+from .conftest import make_cfg, run_verb
+
+TINY = ["backbone=timm", "backbone.model=test_efficientnet", "backbone.pretrained=false", "backbone.image_size=64"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Demo export embedded (fp32, no AMP) and one train run logged to a real SQLite store."""
+    work = tmp_path_factory.mktemp("use") / "work"
+    extract(make_cfg("extract", [f"paths.work={work}", *TINY, "extract.amp=off", "store.dtype=float32",
+                                 "extract.workers=0", "mlflow.enabled=false"]), progress=False)
+    result = train(make_cfg("train", [f"paths.work={work}", *TINY, "classifier=logreg", "classifier.grid.C=[10]",
+                                      "split=stratified", "train.n_jobs=1"]))
+    return work, result
+
+
+def cfg(verb, work, *extra):
+    return make_cfg(verb, [f"paths.work={work}", *TINY, *extra])
+
+
+def test_cluster(trained):
+    work, _ = trained
+    r = cluster(cfg("cluster", work, "cluster.projection=pca"))
+    m = r["metrics"]
+    assert {"nmi", "ari", "homogeneity", "completeness", "purity", "silhouette", "objective"} <= set(m)
+    assert 0 <= m["nmi"] <= 1 and -1 <= m["ari"] <= 1 and 0.25 <= m["purity"] <= 1
+    comp = r["composition"]
+    assert comp.shape == (4, 4) and comp.to_numpy().sum() == 145  # k defaults to the number of categories
+    km = joblib.load(r["model_dir"] / "kmeans.joblib")
+    emb, index, _ = open_embeddings(work / "demo" / "embeddings" / "test_efficientnet")
+    from sklearn.preprocessing import normalize
+
+    assigned = pd.read_parquet(r["model_dir"] / "assignments.parquet")
+    new = km.predict(normalize(np.asarray(emb[assigned["row"].to_numpy()])))  # assigning (new) embeddings
+    assert (new == assigned["cluster"].to_numpy()).all()
+    assert np.load(r["model_dir"] / "centroids.npy").shape == (4, emb.shape[1])
+    for f in ("projection_by_cluster.png", "projection_by_category.png", "composition.csv"):
+        assert (r["output_dir"] / f).stat().st_size > 0
+    run = mlflow.get_run(r["run_id"])
+    assert run.data.metrics["nmi"] == pytest.approx(m["nmi"]) and run.data.params["k"] == "4"
+    tsne = cluster(cfg("cluster", work, "cluster.k=3", "mlflow.enabled=false"))
+    assert tsne["composition"].shape[0] == 3
+
+
+def test_search_by_image_and_by_pin(trained, tmp_path):
+    work, _ = trained
+    _, index, _ = open_embeddings(work / "demo" / "embeddings" / "test_efficientnet")
+    pin_path = index.loc[10, "path"]
+    hits = search(cfg("search", work, f"query={pin_path}", "k=5"))
+    assert len(hits) == 5 and list(hits["rank"]) == [1, 2, 3, 4, 5]
+    assert hits.loc[0, "path"] == pin_path and hits.loc[0, "score"] == pytest.approx(1.0, abs=1e-4)
+    assert list(hits.columns) == ["rank", "score", "user", "board", "pin", "category", "path"]
+    assert (work / "demo" / "embeddings" / "test_efficientnet" / "search_index" / "index.faiss").is_file()
+    by_pin = search(cfg("search", work, f"pin={index.loc[10, 'pin']}", "k=3"))
+    assert pin_path not in set(by_pin["path"]) and len(by_pin) == 3  # the query pin itself is left out
+    hnsw = search(cfg("search", work, f"query={pin_path}", "k=5", "search.index=hnsw"))
+    assert hnsw.loc[0, "path"] == pin_path
+    info = json.loads((work / "demo" / "embeddings" / "test_efficientnet" / "search_index" / "index.json").read_text())
+    assert info["kind"] == "hnsw" and 0.5 <= info["recall_at_10"] <= 1.0
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("hello")
+    proc = run_verb("search", f"paths.work={work}", *TINY, f"query={not_image}", cwd=tmp_path)
+    assert proc.returncode == 2 and f"query={not_image} is not an image (cannot identify image file)" in proc.stderr
+
+
+def test_predict_end_to_end(trained, tmp_path):
+    work, result = trained
+    export = work / "demo" / "export"
+    frame = predict(make_cfg("predict", [f"paths.work={work}", f"run_id={result['run_id']}", f"inputs={export}",
+                                         f"predict.out={tmp_path / 'p.csv'}", "predict.workers=0"]))
+    pins = list(export.glob("*/per_board/*/*/pin_closeup_image.jpg"))  # every pin image of the export
+    assert len(pd.read_csv(tmp_path / "p.csv")) == len(frame) == len(pins)
+    failed = frame[frame.status == "failed"].set_index(frame[frame.status == "failed"]["path"].str.split("/").str[-2])
+    assert failed.loc["corrupt_pin", "reason"] == "cannot identify image file"
+    assert failed.loc["truncated_pin", "reason"] == "truncated JPEG"
+    assert failed.loc["bomb_pin", "reason"].startswith("image larger than")
+    # the run's own test predictions are reproduced end to end from the image files
+    run_preds = pd.read_csv(result["output_dir"] / "predictions.csv")
+    merged = run_preds.merge(frame, on="path", suffixes=("_run", ""))
+    assert len(merged) == len(run_preds) and (merged["prediction_run"] == merged["prediction"]).all()
+    assert {"top1_category", "top1_score", "top3_category"} <= set(frame.columns)
+    ok = frame[frame.status == "ok"]
+    assert (ok["top1_category"] == ok["prediction"]).all() and (ok["top1_score"] >= ok["top2_score"]).all()
+
+
+def test_predict_errors(trained, tmp_path):
+    work, result = trained
+    proc = run_verb("predict", f"paths.work={work}", "run_id=0123456789abcdef", f"inputs={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 2 and "run_id=0123456789abcdef is not a run" in proc.stderr
+    cl = cluster(cfg("cluster", work, "cluster.projection=pca"))
+    with pytest.raises(UserError, match="is not a train run"):
+        predict(make_cfg("predict", [f"paths.work={work}", f"run_id={cl['run_id']}", f"inputs={tmp_path}"]))
+    with pytest.raises(UserError, match="does not exist"):
+        predict(make_cfg("predict", [f"paths.work={work}", f"run_id={result['run_id']}",
+                                     f"inputs={tmp_path / 'nope'}"]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_pyfunc_model_loads_and_serves(trained, tmp_path):
+    work, result = trained
+    uri = f"sqlite:///{work}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    model_uri = f"runs:/{result['run_id']}/pipeline"
+    export = work / "demo" / "export"
+    good = sorted(export.glob("alice/per_board/hiking/*/pin_closeup_image.jpg"))[:2]
+    loaded = mlflow.pyfunc.load_model(model_uri)
+    out = loaded.predict(pd.DataFrame({"path": [str(p) for p in good]}))
+    assert list(out["status"]) == ["ok", "ok"]
+
+    port = _free_port()
+    # as in an activated virtual environment: mlflow starts the server's `uvicorn` from PATH
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise AssertionError(server.stdout.read().decode()[-3000:]) from None
+                time.sleep(1)
+
+        def invoke(columns, rows):
+            body = json.dumps({"dataframe_split": {"columns": columns, "data": rows}}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())["predictions"]
+
+        by_path = invoke(["path"], [[str(p)] for p in good])
+        by_bytes = invoke(["image"], [[base64.b64encode(p.read_bytes()).decode()] for p in good])
+        assert [p["prediction"] for p in by_path] == list(out["prediction"])
+        assert [p["prediction"] for p in by_bytes] == list(out["prediction"])
+        assert all(p["status"] == "ok" and 0 < p["score"] <= 1 for p in by_path)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
