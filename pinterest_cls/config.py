@@ -21,7 +21,7 @@ def _data_name(root) -> str:
     if root in (None, "", "null"):
         return DEMO_NAME
     path = Path(str(root)).expanduser()
-    name = path.stem if path.suffix.lower() in (".csv", ".parquet", ".tsv") else path.name
+    name = path.stem if path.suffix.lower() in (".csv", ".parquet", ".tsv", ".npz") else path.name
     return name or path.resolve().name
 
 

@@ -1,0 +1,153 @@
+"""finetune: tiny real trainings on generated arrays, IDX files and the demo export; errors."""
+
+import gzip
+import struct
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from pinterest_cls.errors import UserError
+from pinterest_cls.finetune import build_model, finetune, read_idx
+
+from .conftest import make_cfg
+
+
+def patterns(n=240, size=16, chans=1, seed=0):
+    """Three classes a small CNN can tell apart: horizontal stripes, vertical stripes, a bright centre."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    yy, xx = np.mgrid[:size, :size]
+    base = np.stack([(yy // 2 % 2), (xx // 2 % 2), ((abs(yy - size / 2) < 4) & (abs(xx - size / 2) < 4))]) * 180.0
+    x = base[y] + rng.normal(0, 40, size=(n, size, size))
+    x = np.clip(x, 0, 255).astype(np.uint8)
+    x = np.repeat(x[..., None], chans, axis=-1)
+    return x, y
+
+
+def npz(tmp_path, name="data.npz", **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+FAST = ["epochs=3", "batch_size=32", "workers=0", "optim.lr=0.005", "optim.warmup_epochs=0"]
+
+
+def run(tmp_path, *overrides):
+    return finetune(make_cfg("finetune", [f"paths.work={tmp_path / 'work'}", *FAST, *overrides]))
+
+
+def test_classification_from_scratch_logs_curves(tmp_path):
+    x, y = patterns()
+    labels = np.array(["horizontal", "vertical", "centre"])[y]
+    r = run(tmp_path, "data=npz", f"data.root={npz(tmp_path, images=x, labels=labels)}")
+    m = r["metrics"]
+    assert m["test_accuracy"] > 0.85, m
+    assert {"test_f1_macro", "test_precision_vertical", "test_recall_centre"} <= set(m)
+    assert r["params"]["split"] == "auto" and r["params"]["n_test"] == 48  # fractions 0.64/0.16/0.2
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'work'}/mlflow.db")
+    history = client.get_metric_history(r["run_id"], "val_loss")
+    assert [h.step for h in history] == [1, 2, 3]
+    arts = {a.path for a in client.list_artifacts(r["run_id"], "plots")} | \
+        {a.path for a in client.list_artifacts(r["run_id"], "checkpoints")}
+    assert {"plots/curves.png", "plots/confusion_matrix.png", "checkpoints/model_best.pt"} <= arts
+    state = torch.load(r["output_dir"] / "model_best.pt")
+    assert state["features.0.weight"].shape == (32, 1, 3, 3)
+
+
+def test_regression_reports_mse_and_mae(tmp_path):
+    x, _ = patterns(seed=1)
+    targets = x.reshape(len(x), -1).mean(1).astype(np.float32) / 64  # mean brightness, about 1-3
+    r = run(tmp_path, "data=npz", f"data.root={npz(tmp_path, images=x, targets=targets)}", "task=regression",
+            "epochs=6")
+    m = r["metrics"]
+    assert set(m) >= {"test_mse", "test_mae"} and "test_accuracy" not in m
+    assert m["test_mse"] < float(np.var(targets))  # better than predicting the mean
+
+
+def test_kfold_mean_and_std(tmp_path):
+    x, y = patterns(n=150)
+    r = run(tmp_path, "data=npz", f"data.root={npz(tmp_path, images=x, labels=y)}", "split.mode=kfold",
+            "split.folds=3", "epochs=1", "mlflow.enabled=false")
+    assert len(r["histories"]) == 3 and r["params"]["n_test"] == 150
+    assert {"test_accuracy", "test_accuracy_std"} <= set(r["metrics"])
+
+
+@pytest.mark.parametrize("chans", [1, 4])
+def test_in_chans(tmp_path, chans):
+    x, y = patterns(n=96, chans=chans)
+    path = npz(tmp_path, images=x, labels=y)
+    r = run(tmp_path, "data=npz", f"data.root={path}", "epochs=1", "mlflow.enabled=false")
+    assert r["metrics"]["test_accuracy"] >= 0
+    r = run(tmp_path, "data=npz", f"data.root={path}", "epochs=1", "mlflow.enabled=false", "model=timm",
+            "model.name=test_efficientnet", "model.pretrained=false", "image_size=32")
+    assert r["params"]["model"] == "test_efficientnet"
+
+
+def test_pretrained_lite0_adapted_to_one_channel():
+    cfg = make_cfg("finetune", ["model=timm", "model.backbone=efficientnet_lite0"])
+    model, info = build_model(cfg, in_chans=1, num_outputs=10, image_size=64)
+    three, _ = build_model(cfg, in_chans=3, num_outputs=10, image_size=64)
+    w1, w3 = model.conv_stem.weight, three.conv_stem.weight
+    assert w1.shape == (32, 1, 3, 3) and torch.allclose(w1[:, 0], w3.sum(1))  # timm's adapt_input_conv rule
+    assert model.get_classifier().out_features == 10
+    assert info["weights"].startswith("package:efficientnet_lite0") and len(info["mean"]) == 1
+
+
+def test_same_seed_same_run(tmp_path):
+    x, y = patterns(n=120)
+    path = npz(tmp_path, images=x, labels=y)
+    args = ["data=npz", f"data.root={path}", "epochs=2", "mlflow.enabled=false", "workers=2", "augment=affine"]
+    a, b = run(tmp_path, *args), run(tmp_path, *args)
+
+    def curves(result):
+        return [[{k: v for k, v in r.items() if k != "seconds"} for r in h] for h in result["histories"]]
+
+    assert curves(a) == curves(b)
+    assert {k: v for k, v in a["metrics"].items() if k != "elapsed_s"} == \
+        {k: v for k, v in b["metrics"].items() if k != "elapsed_s"}
+
+
+def write_idx(path, array):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_data_and_unreadable_idx(tmp_path):
+    x, y = patterns(n=150)
+    d = tmp_path / "fm"
+    d.mkdir()
+    write_idx(d / "train-images-idx3-ubyte.gz", x[:120, ..., 0])
+    write_idx(d / "train-labels-idx1-ubyte.gz", y[:120])
+    write_idx(d / "t10k-images-idx3-ubyte.gz", x[120:, ..., 0])
+    write_idx(d / "t10k-labels-idx1-ubyte.gz", y[120:])
+    assert read_idx(d / "train-images-idx3-ubyte.gz").shape == (120, 16, 16)
+    r = run(tmp_path, "data=fashion_mnist", f"data.root={d}", "data.classes=[a,b,c]", "epochs=2",
+            "mlflow.enabled=false")
+    assert r["params"]["n_test"] == 30 and r["params"]["split"] == "auto"  # the data's own test part
+    with gzip.open(d / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x0d\x01garbage")
+    with pytest.raises(UserError, match=r"IDX file .*t10k-labels-idx1-ubyte.gz cannot be read: bad IDX header"):
+        run(tmp_path, "data=fashion_mnist", f"data.root={d}")
+    with pytest.raises(UserError, match=r"IDX file .*nowhere/train-images-idx3-ubyte.gz not found"):
+        run(tmp_path, "data=fashion_mnist", f"data.root={tmp_path / 'nowhere'}")
+
+
+def test_bad_input(tmp_path):
+    x, y = patterns(n=60)
+    with pytest.raises(UserError, match=r"has no array 'labels' \(data.labels_key\)"):
+        run(tmp_path, "data=npz", f"data.root={npz(tmp_path, 'a.npz', images=x)}")
+    with pytest.raises(UserError, match=r"model.num_classes=5 but the data has 3 classes"):
+        run(tmp_path, "data=npz", f"data.root={npz(tmp_path, 'b.npz', images=x, labels=y)}", "model.num_classes=5")
+    with pytest.raises(UserError, match=r"60 images"):
+        run(tmp_path, "data=npz", f"data.root={npz(tmp_path, 'c.npz', images=x, labels=y[:50])}")
+
+
+def test_finetune_on_the_demo_export_with_linear_probe(tmp_path):
+    r = run(tmp_path, "model=timm", "model.name=test_efficientnet", "model.pretrained=false", "image_size=32",
+            "epochs=2", "linear_probe_epochs=1", "mlflow.enabled=false")
+    assert r["params"]["data"] == "demo" and r["params"]["n_test"] == 29  # 20 % of the 145 ok pins
+    assert 0 <= r["metrics"]["test_accuracy"] <= 1
