@@ -134,11 +134,14 @@ def load_source(cfg: DictConfig) -> Source:
 # --- transforms and datasets ---------------------------------------------------------------------------------
 
 
-def make_transform(augment: str, size: int, in_chans: int, mean, std, aug_cfg, train: bool):
-    """uint8 (C, H, W) tensor -> float normalised tensor, with the augmentation preset when training."""
+def make_transform(augment: str, size: int, in_chans: int, mean, std, aug_cfg, train: bool,
+                   source_size: int | None = None):
+    """uint8 (C, H, W) tensor -> float normalised tensor of ``size`` x ``size``, with the augmentation preset
+    when training. No resize when the source already has that size (``source_size``)."""
     from torchvision.transforms import v2
 
-    steps = [v2.ToDtype(torch.float32, scale=True)]
+    steps = [] if source_size == size else [v2.Resize((size, size), antialias=True)]
+    steps.append(v2.ToDtype(torch.float32, scale=True))
     if train and augment == "light":
         steps += [v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=0, translate=(0.1, 0.1))]
     elif train and augment == "affine":
@@ -151,8 +154,7 @@ def make_transform(augment: str, size: int, in_chans: int, mean, std, aug_cfg, t
     elif augment not in ("none", "light", "affine"):
         raise UserError(f"augment={augment!r} must be one of: none, light, affine")
     steps.append(v2.Normalize(mean=list(mean)[:in_chans], std=list(std)[:in_chans]))
-    resize = v2.Resize((size, size), antialias=True)
-    return v2.Compose([resize, *steps])
+    return v2.Compose(steps)
 
 
 class ArrayImages(Dataset):
@@ -374,8 +376,9 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
         model = model.to(memory_format=torch.channels_last)
 
     def dataset(idx, images, targets, train):
+        square = isinstance(images, np.ndarray) and images.shape[1] == images.shape[2]
         t = make_transform(str(cfg.augment) if train else "none", size, in_chans, info["mean"], info["std"],
-                           cfg.augment_params, train)
+                           cfg.augment_params, train, source_size=images.shape[1] if square else None)
         if isinstance(images, np.ndarray):
             return ArrayImages(images[idx], targets[idx], t, in_chans)
         return FileImages([images[i] for i in idx], targets[idx], t, in_chans, size)

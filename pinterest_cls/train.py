@@ -153,7 +153,18 @@ def make_splits(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray) -> Splits:
         else:
             folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(positions, y))
         return Splits("kfold", folds, grouped=by_board, info={"folds": k, "by_board": by_board})
-    raise UserError(f"split={name!r} is not a split; choose one of: auto, random, stratified, group, kfold")
+    if name == "predefined":
+        col, value = str(s.column), str(s.test_value)
+        if col not in frame.columns:
+            raise UserError(f"split.column={col!r} must be one of: user, board, pin")
+        test = frame[col].astype(str).to_numpy() == value
+        if not test.any() or test.all():
+            raise UserError(f"split=predefined: {int(test.sum())} of {len(frame)} rows have {col} == {value!r}; "
+                            "both sides need rows (see split.column and split.test_value)")
+        return Splits("predefined", [(np.flatnonzero(~test), np.flatnonzero(test))], grouped=False,
+                      info={"column": col, "test_value": value})
+    raise UserError(f"split={name!r} is not a split; choose one of: auto, random, stratified, group, kfold, "
+                    "predefined")
 
 
 def inner_cv(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray, grouped: bool, seed: int):

@@ -86,6 +86,11 @@ def test_splits(demo_work):
     assert len(kf.folds) == 3 and sorted(np.concatenate([te for _, te in kf.folds])) == list(range(len(y)))
     for tr, te in kf.folds:  # by board for the pinterest layout
         assert not set(boards[tr]) & set(boards[te])
+    pre = make_splits(train_cfg(demo_work, "split=predefined", "split.test_value=chen"), frame, y)
+    (tr, te), = pre.folds
+    assert set(frame["user"].to_numpy()[te]) == {"chen"} and "chen" not in set(frame["user"].to_numpy()[tr])
+    with pytest.raises(UserError, match="split=predefined: 0 of 145 rows have user == 'nobody'"):
+        make_splits(train_cfg(demo_work, "split=predefined", "split.test_value=nobody"), frame, y)
     # a category with a single board is reported and kept out of test
     one = frame[~((frame.category == "ocean") & (frame.board != "ocean_waves"))].reset_index(drop=True)
     s = make_splits(train_cfg(demo_work), one, one["category"].to_numpy())
