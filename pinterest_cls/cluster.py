@@ -111,7 +111,7 @@ def cluster(cfg: DictConfig) -> dict:
     from sklearn import metrics as skm
     from sklearn.preprocessing import normalize
 
-    from .train import open_store, output_dir
+    from .train import open_store
 
     c = cfg.cluster
     t0 = time.perf_counter()
@@ -148,7 +148,7 @@ def cluster(cfg: DictConfig) -> dict:
         metrics["silhouette"] = float(skm.silhouette_score(X[sil], assign[sil], metric=metric, random_state=seed))
     metrics = {m: float(v) for m, v in metrics.items()}
 
-    out = output_dir()
+    out = config.job_output_dir()
     composition = pd.crosstab(pd.Series(assign, name="cluster"), pd.Series(categories, name="category"))
     composition.to_csv(out / "composition.csv")
     proj_idx = np.sort(rng.choice(len(X), min(len(X), int(c.projection_sample)), replace=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def _data_name(root) -> str:
     return name or path.resolve().name
 
 
+# faiss announces at INFO level which CPU build it loads; the job log has no use for it
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
 if not OmegaConf.has_resolver("pc_data_name"):
     OmegaConf.register_new_resolver("pc_data_name", _data_name)
 
@@ -44,6 +48,20 @@ def work_dir(cfg: DictConfig) -> Path:
 def data_dir(cfg: DictConfig) -> Path:
     """``${paths.work}/${data.name}``: manifest, categories, scan report and embeddings live here."""
     return work_dir(cfg) / str(select(cfg, "data.name"))
+
+
+def job_output_dir() -> Path:
+    """The Hydra job's output folder when running under Hydra, else a new temporary folder."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        path = Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # not inside a Hydra app (library use, tests)
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="pinterest_cls_"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def data_root(cfg: DictConfig) -> Path:

@@ -18,8 +18,13 @@ def metric_key(name: str) -> str:
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.ndarray | None,
                            classes: np.ndarray) -> dict[str, float]:
-    """accuracy, macro F1, balanced accuracy, per-class precision/recall/F1; with scores also top-5 accuracy
-    (more than 5 classes), one-vs-rest ROC-AUC and PR-AUC (macro over the classes present in y_true)."""
+    """accuracy, macro F1, balanced accuracy, per-class precision/recall/F1; with scores (columns in the order
+    of ``classes``, any order) also top-5 accuracy (more than 5 classes), one-vs-rest ROC-AUC and PR-AUC (macro
+    over the classes present in y_true)."""
+    classes = np.asarray(classes)
+    if scores is not None:  # scikit-learn's ranking metrics want the labels sorted
+        order = np.argsort(classes, kind="stable")
+        classes, scores = classes[order], np.asarray(scores)[:, order]
     out = {
         "accuracy": skm.accuracy_score(y_true, y_pred),
         "f1_macro": skm.f1_score(y_true, y_pred, average="macro", labels=np.unique(y_true), zero_division=0),

@@ -433,7 +433,7 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
     return history, outs.numpy(), tgts.numpy(), info
 
 
-def test_metrics(task, outs, tgts, classes) -> dict:
+def evaluate_outputs(task, outs, tgts, classes) -> dict:
     from .evaluation import classification_metrics
 
     if task == "regression":
@@ -506,8 +506,6 @@ def split_indices(cfg, src: Source):
 
 
 def finetune(cfg: DictConfig) -> dict:
-    from .train import output_dir
-
     t0 = time.perf_counter()
     task = str(cfg.task)
     if task not in ("classification", "regression"):
@@ -515,14 +513,14 @@ def finetune(cfg: DictConfig) -> dict:
     torch.manual_seed(int(cfg.seed))
     np.random.seed(int(cfg.seed))
     src = load_source(cfg)
-    out = output_dir()
+    out = config.job_output_dir()
     folds = split_indices(cfg, src)
     histories, fold_metrics, all_out, all_tgt, info = [], [], [], [], {}
     for f, (tr, va, test, name) in enumerate(folds):
         ckpt = out / (f"fold{f + 1}_best.pt" if len(folds) > 1 else "model_best.pt")
         h, outs, tgts, info = fit_one(cfg, src, tr, va, test, name, ckpt)
         histories.append(h)
-        fold_metrics.append(test_metrics(task, outs, tgts, src.classes))
+        fold_metrics.append(evaluate_outputs(task, outs, tgts, src.classes))
         all_out.append(outs)
         all_tgt.append(tgts)
         if len(folds) > 1:
@@ -556,7 +554,9 @@ def finetune(cfg: DictConfig) -> dict:
                         for k in ("test_accuracy", "test_f1_macro", "test_mse", "test_mae") if k in metrics)
     print(f"finetune {params['model']} on {cfg.data.name}: {summary} ({elapsed / 60:.1f} min); outputs in {out}")
     if task == "classification":
-        recalls = {c: metrics.get(f"test_recall_{c}") for c in src.classes}
+        from .evaluation import metric_key
+
+        recalls = {c: metrics.get(f"test_recall_{metric_key(c)}") for c in src.classes}
         print("  recall per class: " + ", ".join(f"{c} {v:.3f}" for c, v in recalls.items() if v is not None))
     from .tracking import mlflow_run
 

@@ -176,8 +176,6 @@ def collect_inputs(spec: str, image_name: str = "pin_closeup_image.jpg") -> list
 
 
 def predict(cfg: DictConfig) -> pd.DataFrame:
-    from .train import output_dir
-
     if not cfg.run_id:
         raise UserError("give run_id=<MLflow run id of a train run> (see `mlflow ui` or the report's runs.csv)")
     if not cfg.inputs:
@@ -189,7 +187,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     model = EndToEnd(classifier, meta, top_k=int(cfg.predict.top_k), batch_size=int(cfg.predict.batch_size),
                      workers=cfg.predict.workers, device=str(cfg.predict.device))
     frame = model.predict_paths(paths, progress=True)
-    out = Path(cfg.predict.out) if cfg.predict.out else output_dir() / "predictions.csv"
+    out = Path(cfg.predict.out) if cfg.predict.out else config.job_output_dir() / "predictions.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     counts = frame["prediction"].value_counts()

@@ -18,6 +18,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from . import config
+from .catalog import file_sha256
 from .errors import UserError, user_errors_exit
 from .store import META
 
@@ -79,7 +80,7 @@ def load_or_build(folder: Path, emb, index_df: pd.DataFrame, cfg: DictConfig):
     import faiss
 
     s = cfg.search
-    meta_sha = _sha(folder / META)
+    meta_sha = file_sha256(folder / META)
     out = folder / INDEX_DIR
     info_path = out / "index.json"
     settings = {"kind": str(s.index), "exact_max": int(s.exact_max), "store_meta_sha256": meta_sha}
@@ -106,12 +107,6 @@ def load_or_build(folder: Path, emb, index_df: pd.DataFrame, cfg: DictConfig):
     (out / "index.json").write_text(json.dumps(info, indent=2))
     print(f"built a {kind} index of {len(rows)} vectors in {info['build_s']:.2f} s -> {out}", flush=True)
     return index, rows, info
-
-
-def _sha(path: Path) -> str:
-    from .catalog import file_sha256
-
-    return file_sha256(path)
 
 
 def query_vector(cfg: DictConfig, emb, index_df: pd.DataFrame, meta: dict) -> tuple[np.ndarray, str, int | None]:
@@ -165,7 +160,7 @@ def contact_sheet(query_path: str, hits: pd.DataFrame, path: Path, thumb: int = 
 
 
 def search(cfg: DictConfig) -> pd.DataFrame:
-    from .train import open_store, output_dir
+    from .train import open_store
 
     emb, index_df, meta, folder = open_store(cfg)
     index, rows, info = load_or_build(folder, emb, index_df, cfg)
@@ -179,7 +174,7 @@ def search(cfg: DictConfig) -> pd.DataFrame:
     hits = pd.DataFrame([{"rank": r + 1, "score": s, **{c: by_row.at[row, c] for c in
                                                        ("user", "board", "pin", "category", "path")}}
                          for r, (s, row) in enumerate(found)])
-    out = output_dir()
+    out = config.job_output_dir()
     hits.to_csv(out / "neighbors.csv", index=False)
     query_path = str(cfg.query) if cfg.query is not None else str(by_row.at[query_row, "path"])
     contact_sheet(query_path, hits, out / "contact_sheet.png")

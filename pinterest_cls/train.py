@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from . import config
+from .catalog import file_sha256
 from .errors import UserError, user_errors_exit
 from .store import META, open_embeddings
 
@@ -259,16 +259,6 @@ def fit_grid(cfg: DictConfig, X, y, frame: pd.DataFrame, grouped: bool):
 # --- one job -------------------------------------------------------------------------------------------------
 
 
-def output_dir() -> Path:
-    """The Hydra job's output folder when running under Hydra, else a temporary folder."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir)
-    except Exception:
-        return Path(tempfile.mkdtemp(prefix="pinterest_cls_train_"))
-
-
 def sweep_tags() -> dict:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -299,8 +289,7 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     X = load_xy(emb, frame)
     y = frame["category"].to_numpy().astype(str)
     splits = make_splits(cfg, frame, y)
-    out = output_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    out = config.job_output_dir()
     name = f"{cfg.backbone.name}-{cfg.classifier.name}"
     print(f"train {name}: {len(frame)} pins, {len(categories)} categories, {X.shape[1]}-d, split={splits.name}",
           flush=True)
@@ -356,7 +345,7 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
         "preprocess": "+".join(f"pca{cfg.preprocess.pca_components}" if s == "pca" else str(s)
                                for s in cfg.preprocess.steps) or "none",
         "n_samples": len(frame), "n_test": int(np.sum(test_sizes)), "n_classes": len(categories),
-        "embeddings": str(folder), "embeddings_meta_sha256": _sha(folder / META),
+        "embeddings": str(folder), "embeddings_meta_sha256": file_sha256(folder / META),
         "timm_id": meta.get("timm_id"), "seed": int(cfg.seed),
         **{k: v for k, v in best_params.items()},
     }
@@ -370,12 +359,6 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     print(f"{name}: best {best_params}; {summary} ({elapsed:.1f} s)", flush=True)
     print(f"  artifacts in {out}" + (f"; MLflow run {run_id}" if run_id else ""), flush=True)
     return {"metrics": metrics, "params": params, "run_id": run_id, "output_dir": out}
-
-
-def _sha(path: Path) -> str:
-    from .catalog import file_sha256
-
-    return file_sha256(path)
 
 
 def _log_run(cfg, name, params, metrics, out: Path, model, store_meta: Path) -> str | None:
