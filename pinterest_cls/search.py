@@ -114,11 +114,21 @@ def query_vector(cfg: DictConfig, emb, index_df: pd.DataFrame, meta: dict) -> tu
     q = cfg.query
     pin = cfg.pin
     if (q is None) == (pin is None):
-        raise UserError("give exactly one of query=IMAGE (an image file) or pin=PIN (a pin of the manifest)")
+        raise UserError("give exactly one of query=IMAGE (an image file) or pin=USER/BOARD/PIN (a pin of the manifest)")
     if pin is not None:
-        hits = index_df[(index_df["pin"].astype(str) == str(pin)) & index_df["embedded"]]
+        # a pin id may be given alone, as board/pin, or as user/board/pin (ids may contain "/" themselves)
+        p = index_df["pin"].astype(str)
+        board_pin = index_df["board"].astype(str) + "/" + p
+        full = index_df["user"].astype(str) + "/" + board_pin
+        wanted = str(pin)
+        hits = index_df[index_df["embedded"] & ((p == wanted) | (board_pin == wanted) | (full == wanted))]
         if hits.empty:
-            raise UserError(f"pin={pin} is not an embedded pin of {cfg.data.name} (see index.parquet)")
+            raise UserError(f"pin={pin} is not an embedded pin of {cfg.data.name}; give user/board/pin "
+                            "(see index.parquet)")
+        if len(hits) > 1:
+            first = hits.iloc[0]
+            raise UserError(f"pin={pin} matches {len(hits)} pins; give user/board/pin, e.g. "
+                            f"pin={first['user']}/{first['board']}/{first['pin']}")
         row = int(hits["row"].iloc[0])
         return np.asarray(emb[[row]], dtype=np.float32), f"pin {pin} ({hits['path'].iloc[0]})", row
     path = Path(str(q)).expanduser()

@@ -76,8 +76,11 @@ def test_search_by_image_and_by_pin(trained, tmp_path):
     assert hits.loc[0, "path"] == pin_path and hits.loc[0, "score"] == pytest.approx(1.0, abs=1e-4)
     assert list(hits.columns) == ["rank", "score", "user", "board", "pin", "category", "path"]
     assert (work / "demo" / "embeddings" / "test_efficientnet" / "search_index" / "index.faiss").is_file()
-    by_pin = search(cfg("search", work, f"pin={index.loc[10, 'pin']}", "k=3"))
+    user, board, pin = index.loc[10, ["user", "board", "pin"]]
+    by_pin = search(cfg("search", work, f"pin={user}/{board}/{pin}", "k=3"))
     assert pin_path not in set(by_pin["path"]) and len(by_pin) == 3  # the query pin itself is left out
+    with pytest.raises(UserError, match=f"pin={pin} matches 12 pins; give user/board/pin, e.g. pin="):
+        search(cfg("search", work, f"pin={pin}"))
     hnsw = search(cfg("search", work, f"query={pin_path}", "k=5", "search.index=hnsw"))
     assert hnsw.loc[0, "path"] == pin_path
     info = json.loads((work / "demo" / "embeddings" / "test_efficientnet" / "search_index" / "index.json").read_text())

@@ -33,7 +33,7 @@ from PIL import Image
 from pinterest_cls.backbones import build_backbone
 from pinterest_cls.config import CONF_DIR
 from pinterest_cls.demo import synthetic_export
-from pinterest_cls.extract import Runner, extract, prepare_model, resolve_amp
+from pinterest_cls.extract import Runner, extract, prepare_model, resolve_amp, resolve_device
 from pinterest_cls.scan import scan
 
 SIZE = (736, 1100)
@@ -44,9 +44,8 @@ def make_cfg(overrides):
         return compose("extract", overrides=overrides)
 
 
-def model_alone(backbone, paths, batch_size, amp, n_images, channels_last=True):
-    """(a): images/s of the model on preloaded uint8 tensors."""
-    device = torch.device("cpu")
+def model_alone(backbone, paths, batch_size, amp, n_images, device, channels_last=True):
+    """(a): images/s of the model on preloaded uint8 tensors (copied to the device per batch, as extract does)."""
     runner = Runner(prepare_model(backbone.model, device, channels_last, False), device, amp, channels_last)
     pool = torch.stack([backbone.transform(Image.open(p).convert("RGB")) for p in paths[:batch_size]])
     runner(pool[:2])  # warm-up
@@ -57,16 +56,16 @@ def model_alone(backbone, paths, batch_size, amp, n_images, channels_last=True):
     return done / (time.perf_counter() - t0)
 
 
-def study_loop(backbone, paths, amp, out_csv: Path):
+def study_loop(backbone, paths, amp, out_csv: Path, device):
     """(c): one image at a time, as the study did: full decode, preprocess, forward with a batch of 1 in the
     model's default precision (amp=None) and memory format, and the vector appended to a CSV as a text line."""
-    model = backbone.model.eval().to(memory_format=torch.contiguous_format)
+    model = backbone.model.eval().to(device, memory_format=torch.contiguous_format)
     t0 = time.perf_counter()
     with open(out_csv, "w") as f, torch.inference_mode(), \
-            torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         for p in paths:
-            x = backbone.transform(Image.open(p).convert("RGB")).unsqueeze(0)
-            vec = model(x).float().numpy()[0]
+            x = backbone.transform(Image.open(p).convert("RGB")).unsqueeze(0).to(device)
+            vec = model(x).float().cpu().numpy()[0]
             f.write(",".join(f"{v:.6f}" for v in vec) + "\n")
     return len(paths) / (time.perf_counter() - t0)
 
@@ -94,6 +93,7 @@ def main() -> None:
     ap.add_argument("--study-n", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "convnext_tiny"])
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda")
     ap.add_argument("--rss", action="store_true", help="also measure peak RSS over 1k vs 10k images")
     ap.add_argument("--rss-only", action="store_true", help="only the peak RSS measurement")
     ap.add_argument("--dir", default="/tmp/throughput_bench")
@@ -103,8 +103,9 @@ def main() -> None:
     work = base / "work"
     print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.n} JPEGs {SIZE[0]}x{SIZE[1]}")
+    device = resolve_device(args.device)
     common = [f"paths.work={work}", f"data.root={export}", "mlflow.enabled=false", "extract.overwrite=true",
-              f"extract.batch_size={args.batch_size}"]
+              f"extract.batch_size={args.batch_size}", f"extract.device={device}"]
     scan(make_cfg(common), progress=False)
     rows = []
     for name in [] if args.rss_only else args.backbones:
@@ -114,14 +115,14 @@ def main() -> None:
         shutil.rmtree(work / export.name / "embeddings" / name, ignore_errors=True)
         torch.manual_seed(0)
         backbone = build_backbone(cfg.backbone)
-        amp = resolve_amp("auto", torch.device("cpu"))
+        amp = resolve_amp("auto", device)
         paths = pd.read_parquet(work / export.name / "manifest.parquet")["path"].tolist()
-        a = model_alone(backbone, paths, args.batch_size, amp, min(args.n, 1024))
-        a_fp32 = model_alone(backbone, paths, args.batch_size, None, min(args.n, 512))
+        a = model_alone(backbone, paths, args.batch_size, amp, min(args.n, 1024), device)
+        a_fp32 = model_alone(backbone, paths, args.batch_size, None, min(args.n, 512), device)
         meta = extract(cfg, progress=False)
         b = meta["last_run"]["images_per_s"]
-        c = study_loop(backbone, paths[: args.study_n], None, base / "study_vectors.csv")
-        c_amp = study_loop(backbone, paths[: args.study_n], amp, base / "study_vectors.csv")
+        c = study_loop(backbone, paths[: args.study_n], None, base / "study_vectors.csv", device)
+        c_amp = study_loop(backbone, paths[: args.study_n], amp, base / "study_vectors.csv", device)
         rows.append(dict(backbone=name, amp=str(amp).replace("torch.", "") if amp else "off",
                          workers=meta["last_run"]["workers"], a_model=a, b_pipeline=b, c_study=c,
                          c_one_at_a_time_amp=c_amp, b_over_a=b / a, b_over_c=b / c, b_over_c_amp=b / c_amp,
