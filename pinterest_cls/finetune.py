@@ -505,6 +505,11 @@ def split_indices(cfg, src: Source):
     raise UserError(f"split.mode={mode!r} must be one of: auto, own, fractions, kfold")
 
 
+def model_name(cfg: DictConfig) -> str:
+    """simple_cnn, the timm model name, or the registered backbone it came from."""
+    return str(cfg.model.get("name") or cfg.model.get("backbone") or cfg.model.kind)
+
+
 def finetune(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     task = str(cfg.task)
@@ -540,11 +545,11 @@ def finetune(cfg: DictConfig) -> dict:
         names = np.asarray(src.classes)
         o, t = np.concatenate(all_out), np.concatenate(all_tgt)
         confusion_plot(names[t], names[o.argmax(1)], list(names), out / "confusion_matrix.png",
-                       title=f"{cfg.model.name or cfg.model.kind} on {cfg.data.name}: accuracy "
+                       title=f"{model_name(cfg)} on {cfg.data.name}: accuracy "
                              f"{metrics['test_accuracy']:.4f}")
     elapsed = time.perf_counter() - t0
     metrics["elapsed_s"] = elapsed
-    params = {"model": str(cfg.model.name or cfg.model.kind), "pretrained": bool(cfg.model.get("pretrained", False)),
+    params = {"model": model_name(cfg), "pretrained": bool(cfg.model.get("pretrained", False)),
               "weights": info.get("weights"), "task": task, "epochs": int(cfg.epochs),
               "batch_size": int(cfg.batch_size), "lr": float(cfg.optim.lr), "augment": str(cfg.augment),
               "label_smoothing": float(cfg.optim.label_smoothing), "linear_probe_epochs": int(cfg.linear_probe_epochs),
