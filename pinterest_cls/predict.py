@@ -65,10 +65,11 @@ class EndToEnd:
             frame.loc[ok, "prediction"] = pred
             if scores is not None:
                 order = np.argsort(-scores, axis=1)[:, :k]
-                frame.loc[ok, "score"] = scores[np.arange(len(scores)), np.argsort(-scores, axis=1)[:, 0]]
+                top = scores[np.arange(len(scores))[:, None], order]
+                frame.loc[ok, "score"] = top[:, 0]
                 for i in range(k):
                     frame.loc[ok, f"top{i + 1}_category"] = classes[order[:, i]]
-                    frame.loc[ok, f"top{i + 1}_score"] = scores[np.arange(len(scores)), order[:, i]]
+                    frame.loc[ok, f"top{i + 1}_score"] = top[:, i]
         frame["status"] = np.where(ok, "ok", "failed")
         frame["reason"] = reasons
         return frame
