@@ -7,7 +7,6 @@ transform that produces those pixels from a PIL image, and a description for ``m
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .catalog import file_sha256
 from .errors import UserError
 
 
@@ -117,14 +117,6 @@ class Backbone:
 # --- weights ---------------------------------------------------------------------------------------------
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 _EFFNET_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
                "_fc": "classifier"}
 # EfficientNet-PyTorch block members -> timm's, for blocks without expansion (timm DepthwiseSeparableConv)
@@ -206,7 +198,7 @@ def _create_timm(model_id: str, bcfg, spec: Spec | None):
         else:
             model = timm.create_model(model_id, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                                       **kwargs)
-        return model, {"weights": str(path), "weights_sha256": sha256_of(path)}
+        return model, {"weights": str(path), "weights_sha256": file_sha256(path)}
     if not pretrained:
         model = timm.create_model(model_id, pretrained=False, **kwargs)
         return model, {"weights": "random (backbone.pretrained=false)", "weights_sha256": None}
@@ -214,11 +206,11 @@ def _create_timm(model_id: str, bcfg, spec: Spec | None):
         path = _package_weights(spec.weights)
         model = timm.create_model(model_id, pretrained=False, **kwargs)
         _load_translated(model, path)
-        return model, {"weights": f"{spec.weights} ({path.name})", "weights_sha256": sha256_of(path)}
+        return model, {"weights": f"{spec.weights} ({path.name})", "weights_sha256": file_sha256(path)}
     cached = _cached_weights(model_id)
     if cached:  # timm's hub cache: no network needed
         model = timm.create_model(model_id, pretrained=True, pretrained_cfg_overlay=dict(file=cached), **kwargs)
-        return model, {"weights": f"timm pretrained (cached {cached})", "weights_sha256": sha256_of(cached)}
+        return model, {"weights": f"timm pretrained (cached {cached})", "weights_sha256": file_sha256(cached)}
     how = (f"Download them where there is internet (timm.create_model('{model_id}', pretrained=True) caches them; "
            f"or huggingface-cli download timm/{model_id}) and pass backbone.weights=/path/to/model.safetensors; "
            "backbone.pretrained=false runs random weights on purpose")
