@@ -12,23 +12,29 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb, load_rgb_variants
 
 
 class PinDataset(Dataset):
     """Items ``(row, pixels | None, reason)`` for ``rows`` (global row numbers) of ``paths``.
 
-    ``transforms``: one transform, or several (one decode feeds every backbone); ``min_size``: the largest
-    resize target among them, for JPEG draft decoding.
+    ``transforms``: one transform, or a list of them (one per backbone: the pin is decoded once and each
+    transform resizes that image for its backbone); ``min_size``: the shorter side each transform resizes to
+    (an int, or a list matching ``transforms``), the JPEG draft target. With several transforms the file is
+    decoded once per distinct draft reduction among them (:func:`load_rgb_variants`), so each backbone gets
+    exactly the pixels a run of its own would.
     """
 
-    def __init__(self, paths: Sequence[str], rows: Sequence[int], transforms, min_size: int | None,
+    def __init__(self, paths: Sequence[str], rows: Sequence[int], transforms, min_size,
                  draft: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.paths = paths
         self.rows = rows
         self.multi = isinstance(transforms, (list, tuple))
         self.transforms = list(transforms) if self.multi else [transforms]
-        self.min_size = min_size if draft else None
+        sizes = list(min_size) if isinstance(min_size, (list, tuple)) else [min_size] * len(self.transforms)
+        if len(sizes) != len(self.transforms):
+            raise ValueError(f"{len(sizes)} min_size values for {len(self.transforms)} transforms")
+        self.min_sizes = sizes if draft else [None] * len(sizes)
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
@@ -37,8 +43,11 @@ class PinDataset(Dataset):
     def __getitem__(self, i: int):
         row = int(self.rows[i])
         try:
-            image = load_rgb(self.paths[row], min_size=self.min_size, max_pixels=self.max_pixels)
-            pixels = [t(image) for t in self.transforms]
+            if self.multi:
+                images = load_rgb_variants(self.paths[row], self.min_sizes, max_pixels=self.max_pixels)
+            else:
+                images = [load_rgb(self.paths[row], min_size=self.min_sizes[0], max_pixels=self.max_pixels)]
+            pixels = [t(image) for t, image in zip(self.transforms, images)]
         except ImageDecodeError as exc:
             return row, None, str(exc)
         except Exception as exc:  # a transform failing on odd input is still this row's failure

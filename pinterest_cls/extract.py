@@ -173,28 +173,64 @@ def library_versions() -> dict:
             "numpy": np.__version__, "pillow": PIL.__version__, "python": sys.version.split()[0]}
 
 
-def extract(cfg: DictConfig, progress: bool = True) -> dict:
-    """Run (or resume) this job's shard of the extraction; returns the store's meta."""
-    from tqdm.auto import tqdm
+def backbone_configs(cfg: DictConfig) -> list[DictConfig]:
+    """The backbones this run extracts: ``backbone``, or every entry of ``backbones`` when that is set.
 
+    An entry of ``backbones`` is a name from ``conf/backbone/`` (``convnext_tiny``), or a mapping merged over
+    the ``conf/backbone/<kind>.yaml`` it names (``{kind: timm, model: resnet50.a1_in1k}``); each is resolved
+    exactly as ``backbone=<entry>`` would be, so its store is the one a run of its own writes.
+    """
+    entries = OmegaConf.select(cfg, "backbones", default=None)
+    if entries is None or (not isinstance(entries, str) and len(entries) == 0):
+        return [cfg.backbone]
+    if isinstance(entries, str) or not OmegaConf.is_list(entries):
+        raise UserError(f"backbones={entries} must be a list, e.g. backbones=[convnext_tiny,efficientnet_v2_b0]")
+    folder = Path(config.CONF_DIR) / "backbone"
+    options = sorted(p.stem for p in folder.glob("*.yaml"))
+    out, names = [], []
+    for entry in entries:
+        if isinstance(entry, str):
+            kind, extra = entry, {}
+        elif OmegaConf.is_dict(entry):
+            extra = OmegaConf.to_container(entry, resolve=True)
+            kind = str(extra.get("kind", "timm"))
+        else:
+            raise UserError(f"backbones entry {entry!r} must be a backbone name or a mapping with kind: ...")
+        if kind not in options:
+            raise UserError(f"backbones entry {entry!r}: there is no conf/backbone/{kind}.yaml; "
+                            f"choose from {', '.join(options)}")
+        merged = OmegaConf.merge(OmegaConf.load(folder / f"{kind}.yaml"), extra)
+        try:  # resolve as it would be at the backbone key (timm.yaml's name is ${backbone.model})
+            bcfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create({"backbone": merged}),
+                                                           resolve=True, throw_on_missing=True)["backbone"])
+        except Exception as exc:
+            raise UserError(f"backbones entry {entry!r}: {exc}".splitlines()[0]) from None
+        if bcfg.name in names:
+            raise UserError(f"backbones lists {bcfg.name} twice")
+        names.append(bcfg.name)
+        out.append(bcfg)
+    return out
+
+
+class _Job:
+    """One backbone's share of an extraction run: its model, store and progress through the shard."""
+
+    def __init__(self, backbone, store: EmbeddingStore, folder: Path, record: dict, runner: Runner):
+        self.backbone, self.store, self.folder, self.record, self.runner = backbone, store, folder, record, runner
+        self.start = self.done = record["done"]
+        self.batches = record["batches"]
+        self.failures: dict = dict(record["failures"])
+        self.timings: list[tuple[int, int, float, float]] = []
+
+
+def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, amp, batch_size: int, dtype: str):
     from .backbones import build_backbone
-    from .data import PinDataset, default_workers, make_loader
 
-    ecfg = cfg.extract
-    manifest, ok = ok_rows(cfg)
-    device = resolve_device(str(ecfg.device))
-    amp = resolve_amp(ecfg.amp, device)
-    batch_size = int(ecfg.batch_size)
-    if batch_size < 1:
-        raise UserError(f"extract.batch_size={batch_size} must be >= 1")
-    torch.manual_seed(int(ecfg.seed))  # random-init backbones (pretrained=false) are reproducible
-    backbone = build_backbone(cfg.backbone)
-    dtype = str(cfg.store.dtype)
-    if dtype not in ("float16", "float32"):
-        raise UserError(f"store.dtype={dtype!r} must be float16 or float32")
-
+    torch.manual_seed(int(cfg.extract.seed))  # random-init backbones (pretrained=false) are reproducible
+    backbone = build_backbone(bcfg)
     folder = store_dir(cfg, backbone.name)
     index = ok.rename_axis("row").reset_index()[["row", "user", "board", "pin", "category", "path"]]
+    ecfg = cfg.extract
     fingerprint = {
         **{k: v for k, v in backbone.info.items() if k != "weights"},
         "weights": backbone.info["weights"] if backbone.info.get("weights_sha256") is None else None,
@@ -210,76 +246,124 @@ def extract(cfg: DictConfig, progress: bool = True) -> dict:
                           if k in backbone.info},
         "pool": backbone.info.get("pool"), "dtype": dtype,
         # what predict/search need to embed new images exactly like these rows
-        "backbone_config": OmegaConf.to_container(cfg.backbone, resolve=True),
+        "backbone_config": OmegaConf.to_container(bcfg, resolve=True),
         "extract": {"seed": int(ecfg.seed), "draft": bool(ecfg.draft), "amp": str(ecfg.amp),
                     "batch_size": batch_size, "max_pixels": int(cfg.scan.max_pixels)},
+        "data_root": None if config.select(cfg, "data.root") in (None, "") else str(cfg.data.root),
         "manifest": str(config.data_dir(cfg) / MANIFEST),
         "manifest_sha256": file_sha256(config.data_dir(cfg) / MANIFEST),
         "versions": library_versions(),
     }
     store = EmbeddingStore.open_or_create(folder, index, backbone.dim, dtype, meta, fingerprint,
                                           overwrite=bool(ecfg.overwrite))
-    lo, hi = shard_range(len(ok), batch_size, int(ecfg.shard.index), int(ecfg.shard.count))
-    record = store.progress(lo, hi)
-    start = record["done"]
-    shard_name = f"shard {ecfg.shard.index}/{ecfg.shard.count} rows [{lo}, {hi})"
-    if start >= hi:
-        print(f"{backbone.name}: {shard_name} already done.", flush=True)
-        return store.finalize()
-    if start > lo:
-        print(f"{backbone.name}: resuming {shard_name} at row {start} ({start - lo} rows already committed).",
-              flush=True)
+    return backbone, store, folder
+
+
+def extract(cfg: DictConfig, progress: bool = True) -> dict:
+    """Run (or resume) this job's shard of the extraction of ``backbone``; returns the store's meta.
+    With ``backbones=[...]`` set, every listed backbone is extracted from one decode of each pin and the
+    result is ``{backbone name: meta}``."""
+    metas = extract_many(cfg, backbone_configs(cfg), progress=progress)
+    if OmegaConf.select(cfg, "backbones", default=None):
+        return metas
+    return next(iter(metas.values()))
+
+
+def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True) -> dict[str, dict]:
+    """Extract this job's shard for each backbone config in ``bcfgs``, decoding every pin once for all of
+    them; each backbone's store is written exactly as a run of its own would write it."""
+    from tqdm.auto import tqdm
+
+    from .data import PinDataset, default_workers, make_loader
+
+    ecfg = cfg.extract
+    manifest, ok = ok_rows(cfg)
+    device = resolve_device(str(ecfg.device))
+    amp = resolve_amp(ecfg.amp, device)
+    batch_size = int(ecfg.batch_size)
+    if batch_size < 1:
+        raise UserError(f"extract.batch_size={batch_size} must be >= 1")
+    dtype = str(cfg.store.dtype)
+    if dtype not in ("float16", "float32"):
+        raise UserError(f"store.dtype={dtype!r} must be float16 or float32")
+    shard = (int(ecfg.shard.index), int(ecfg.shard.count))
+    lo, hi = shard_range(len(ok), batch_size, *shard)
+    shard_name = f"shard {shard[0]}/{shard[1]} rows [{lo}, {hi})"
+
+    metas: dict[str, dict] = {}
+    jobs: list[_Job] = []
+    for bcfg in bcfgs:
+        backbone, store, folder = _open_store(cfg, bcfg, ok, amp, batch_size, dtype)
+        record = store.progress(lo, hi)
+        if record["done"] >= hi:
+            print(f"{backbone.name}: {shard_name} already done.", flush=True)
+            metas[backbone.name] = store.finalize()
+            continue
+        if record["done"] > lo:
+            print(f"{backbone.name}: resuming {shard_name} at row {record['done']} "
+                  f"({record['done'] - lo} rows already committed).", flush=True)
+        runner = Runner(prepare_model(backbone.model, device, bool(ecfg.channels_last), bool(ecfg.compile)),
+                        device, amp, bool(ecfg.channels_last))
+        jobs.append(_Job(backbone, store, folder, record, runner))
+    if not jobs:
+        return metas
 
     workers = default_workers() if ecfg.workers is None else int(ecfg.workers)
-    paths = ok["path"].tolist()
-    dataset = PinDataset(paths, range(start, hi), backbone.transform, backbone.resize_size,
-                         draft=bool(ecfg.draft), max_pixels=int(cfg.scan.max_pixels))
+    first = min(job.start for job in jobs)
+    dataset = PinDataset(ok["path"].tolist(), range(first, hi), [j.backbone.transform for j in jobs],
+                         [j.backbone.resize_size for j in jobs], draft=bool(ecfg.draft),
+                         max_pixels=int(cfg.scan.max_pixels))
     loader = make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
-    runner = Runner(prepare_model(backbone.model, device, bool(ecfg.channels_last), bool(ecfg.compile)),
-                    device, amp, bool(ecfg.channels_last))
     commit_every = max(1, int(ecfg.commit_every))
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
-    array = store.array
-    failures: dict = dict(record["failures"])
-    timings: list[tuple[int, int, float, float]] = []
-    done, batches = start, record["batches"]
+    names = ", ".join(j.backbone.name for j in jobs)
     t_start = time.perf_counter()
-    bar = tqdm(total=hi - start, desc=f"extract {backbone.name}", unit="img", disable=not progress,
-               dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(total=hi - first, desc=f"extract {names if len(jobs) < 4 else f'{len(jobs)} backbones'}",
+               unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     t_ready = time.perf_counter()
     for n, (rows, pixels, failed) in enumerate(loader, start=1):
         t_batch = time.perf_counter()
         size = len(rows) + len(failed)
-        if pixels is not None:
-            feats = runner(pixels)
-            array[rows.numpy()] = feats.astype(array.dtype)
-        for row, reason in failed:
-            array[row] = 0  # a failed row holds zeros, whatever an interrupted run left there
-            failures[str(row)] = reason
-        t_done = time.perf_counter()
-        timings.append((batches, size, t_batch - t_ready, t_done - t_batch))
-        done += size
-        batches += 1
+        batch_lo = min(([int(rows.min())] if len(rows) else []) + [row for row, _ in failed])
+        for k, job in enumerate(jobs):
+            if batch_lo < job.start:  # committed by an earlier run of this backbone
+                continue
+            t_job = time.perf_counter()
+            array = job.store.array
+            if pixels is not None:
+                array[rows.numpy()] = job.runner(pixels[k]).astype(array.dtype)
+            for row, reason in failed:
+                array[row] = 0  # a failed row holds zeros, whatever an interrupted run left there
+                job.failures[str(row)] = reason
+            job.timings.append((job.batches, size, t_batch - t_ready, time.perf_counter() - t_job))
+            job.done += size
+            job.batches += 1
         bar.update(size)
         if kill_after and n == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
-        if n % commit_every == 0 or done >= hi:
-            elapsed = record["elapsed_s"] + time.perf_counter() - t_start
-            store.commit({"lo": lo, "hi": hi, "done": done, "failures": failures, "elapsed_s": round(elapsed, 3),
-                          "batches": batches})
+        for job in jobs:
+            if job.done > job.start and (n % commit_every == 0 or job.done >= hi):
+                elapsed = job.record["elapsed_s"] + time.perf_counter() - t_start
+                job.store.commit({"lo": lo, "hi": hi, "done": job.done, "failures": job.failures,
+                                  "elapsed_s": round(elapsed, 3), "batches": job.batches,
+                                  "shard": list(shard)})
         t_ready = time.perf_counter()
     bar.close()
     elapsed = time.perf_counter() - t_start
-    rate = (hi - start) / elapsed if elapsed > 0 else float("nan")
-    shard_failed = sum(1 for r in failures if lo <= int(r) < hi)
-    stats = {"images_per_s": rate, "elapsed_s": elapsed, "rows": hi - start, "failed": shard_failed,
-             "wait_s": sum(t[2] for t in timings), "compute_s": sum(t[3] for t in timings),
-             "micro_batch": runner.micro_batch, "workers": workers, "device": device.type,
-             "amp": str(amp).replace("torch.", "") if amp else "off", "shard": shard_name}
-    meta = store.finalize({"last_run": {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()}})
-    tag = f"rows_{lo:010d}_{hi:010d}_from_{start:010d}"
-    _report(cfg, backbone, meta, stats, timings, folder, tag, shard_name, workers, amp, device)
-    return meta
+    for job in jobs:
+        rate = (hi - job.start) / elapsed if elapsed > 0 else float("nan")
+        shard_failed = sum(1 for r in job.failures if lo <= int(r) < hi)
+        stats = {"images_per_s": rate, "elapsed_s": elapsed, "rows": hi - job.start, "failed": shard_failed,
+                 "wait_s": sum(t[2] for t in job.timings), "compute_s": sum(t[3] for t in job.timings),
+                 "micro_batch": job.runner.micro_batch, "workers": workers, "threads": torch.get_num_threads(),
+                 "device": device.type, "amp": str(amp).replace("torch.", "") if amp else "off",
+                 "shard": shard_name, "decoded_for": [j.backbone.name for j in jobs]}
+        meta = job.store.finalize({"last_run": {k: round(v, 3) if isinstance(v, float) else v
+                                                for k, v in stats.items()}})
+        tag = f"rows_{lo:010d}_{hi:010d}_from_{job.start:010d}"
+        _report(cfg, job.backbone, meta, stats, job.timings, job.folder, tag, shard_name, workers, amp, device)
+        metas[job.backbone.name] = meta
+    return metas
 
 
 def _report(cfg, backbone, meta, stats, timings, folder, tag, shard_name, workers, amp, device) -> None:

@@ -193,3 +193,41 @@ def load_rgb(
         raise ImageDecodeError("file not found") from None
     except Exception as exc:
         raise ImageDecodeError(_describe(exc, fmt)) from None
+
+
+def _draft_scale(size: tuple[int, int], min_size: int | None) -> int:
+    """The DCT reduction (1, 2, 4 or 8) Pillow's ``JpegImageFile.draft(None, (m, m))`` picks for a JPEG of
+    ``size``: the largest one that keeps both sides >= ``min_size``."""
+    if not min_size:
+        return 1
+    ratio = min(size[0] // min_size, size[1] // min_size)
+    return next(s for s in (8, 4, 2, 1) if ratio >= s or s == 1)
+
+
+def load_rgb_variants(
+    path: str | os.PathLike,
+    min_sizes: list[int | None],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[Image.Image]:
+    """:func:`load_rgb` for several ``min_size`` values at once (one per backbone), decoding the file only
+    once per distinct JPEG draft reduction among them — usually once. Each returned image is exactly the
+    one ``load_rgb(path, min_size=m)`` gives, so a backbone sees the same pixels as in a run of its own."""
+    if len(set(min_sizes)) <= 1:
+        image = load_rgb(path, min_size=min_sizes[0] if min_sizes else None, max_pixels=max_pixels)
+        return [image] * len(min_sizes)
+    try:
+        with _pillow_limits(False), _open_checked(path, max_pixels) as im:
+            jpeg, size = im.format == "JPEG" and len(im.tile) == 1, im.size
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except Exception as exc:
+        raise ImageDecodeError(_describe(exc, None)) from None
+    keys = [_draft_scale(size, m) if jpeg else 1 for m in min_sizes]
+    decoded: dict[int, Image.Image] = {}
+    for key, m in zip(keys, min_sizes):
+        if key not in decoded:
+            decoded[key] = load_rgb(path, min_size=m if jpeg else None, max_pixels=max_pixels)
+    return [decoded[key] for key in keys]
