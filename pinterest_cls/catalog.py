@@ -7,9 +7,12 @@ human-readable reason.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -33,6 +36,38 @@ COLUMNS = [
     "user", "board", "pin", "category", "path", "status", "reason",
     "width", "height", "bytes", "format", "mtime_ns",
 ]
+
+
+@contextlib.contextmanager
+def locked(folder: Path, name: str = ".lock"):
+    """An exclusive lock on ``folder``, held on the file ``name`` in it (parallel jobs may start at the same
+    moment). Not re-entrant: nested locks must use different names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / name, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def mp_context():
+    """The multiprocessing context for worker pools: fork on Linux (as PyTorch's DataLoader has always used
+    there), the platform default elsewhere. Explicit, because a job started by a launcher (joblib's loky
+    workers) has a different default start method that cannot start ordinary child processes."""
+    import multiprocessing
+
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (a SLURM allocation or taskset, not the whole node)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 2
 
 
 @dataclass
@@ -253,7 +288,7 @@ def verify_candidates(candidates: list[Candidate], settings: ScanSettings, previ
         else:
             todo.append(i)
     args = [(candidates[i].path, settings.full, settings.allow_truncated, settings.max_pixels) for i in todo]
-    workers = settings.workers or os.cpu_count() or 1
+    workers = settings.workers or available_cpus()
     bar = tqdm(total=len(todo), desc="verify", unit="img", disable=not progress or not todo,
                dynamic_ncols=True)
     if workers <= 1 or len(todo) < 64:
@@ -263,7 +298,7 @@ def verify_candidates(candidates: list[Candidate], settings: ScanSettings, previ
             bar.update()
     else:
         chunksize = max(1, min(256, len(todo) // (workers * 16)))
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp_context()) as pool:
             for i, v in zip(todo, pool.map(_verify_one, args, chunksize=chunksize)):
                 results[i] = v
                 bar.update()
@@ -373,7 +408,7 @@ def run_scan(root: Path, out_dir: Path, layout: str, reject: list[str], data_cfg
     report = {
         "root": str(root),
         "layout": layout,
-        "settings": settings.verdict_key() | {"workers": settings.workers or os.cpu_count()},
+        "settings": settings.verdict_key() | {"workers": settings.workers or available_cpus()},
         **summarize(manifest),
         "accepted_categories": len(categories),
         "decoded": checked - reused,

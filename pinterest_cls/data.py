@@ -6,12 +6,12 @@ reason; it is never replaced by a neighbour and never stops the run.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .catalog import available_cpus, mp_context
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb, load_rgb_variants
 
 
@@ -76,10 +76,10 @@ def make_loader(dataset: PinDataset, batch_size: int, workers: int, pin_memory: 
     workers = max(0, int(workers))
     kwargs = {}
     if workers > 0:
-        kwargs = dict(persistent_workers=True, prefetch_factor=prefetch_factor)
+        kwargs = dict(persistent_workers=True, prefetch_factor=prefetch_factor, multiprocessing_context=mp_context())
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=collate_pins, pin_memory=pin_memory, drop_last=False, **kwargs)
 
 
 def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2)))
+    return max(1, min(8, available_cpus()))

@@ -183,14 +183,17 @@ def generate_demo_export(root: Path) -> Path:
 
 def ensure_demo_export(root: Path) -> Path:
     """The demo export at ``root``, generated unless a complete one of this version is already there."""
+    from .catalog import locked
+
     marker = Path(root) / MARKER
-    try:
-        if json.loads(marker.read_text()).get("version") == VERSION:
-            return Path(root)
-    except (OSError, ValueError):
-        pass
-    print(f"Generating the demo export in {root} ...", flush=True)
-    return generate_demo_export(Path(root))
+    with locked(Path(root).parent, ".demo.lock"):  # parallel jobs: one generates, the others wait for it
+        try:
+            if json.loads(marker.read_text()).get("version") == VERSION:
+                return Path(root)
+        except (OSError, ValueError):
+            pass
+        print(f"Generating the demo export in {root} ...", flush=True)
+        return generate_demo_export(Path(root))
 
 
 # --- synthetic exports for benchmarks ------------------------------------------------------------------------
@@ -231,7 +234,9 @@ def synthetic_export(root: Path, n: int, size: tuple[int, int] = (736, 1100), pi
             board.mkdir(parents=True, exist_ok=True)
             (board / "board_category.txt").write_text(f"category{b % categories}\n")
         jobs.append((i, board / f"pin{i:07d}" / IMAGE_NAME, size[0], size[1]))
-    with ProcessPoolExecutor() as pool:
+    from .catalog import mp_context
+
+    with ProcessPoolExecutor(mp_context=mp_context()) as pool:
         list(pool.map(_synthetic_pin, jobs, chunksize=64))
     marker.touch()
     return root

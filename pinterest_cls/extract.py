@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, config
-from .catalog import MANIFEST, file_sha256, load_manifest
+from .catalog import MANIFEST, file_sha256, load_manifest, locked
 from .errors import UserError, user_errors_exit
 from .store import EmbeddingStore, rows_sha256, shard_range
 
@@ -149,11 +149,12 @@ def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: b
 def ok_rows(cfg: DictConfig):
     """The manifest's ok rows (running ``scan`` first when there is no manifest yet)."""
     out = config.data_dir(cfg)
-    if not (out / MANIFEST).is_file():
-        print(f"No manifest in {out}: scanning first.", flush=True)
-        from .scan import scan
+    with locked(out):  # parallel shard jobs: the first scans, the others wait and read its manifest
+        if not (out / MANIFEST).is_file():
+            print(f"No manifest in {out}: scanning first.", flush=True)
+            from .scan import scan
 
-        scan(cfg)
+            scan(cfg)
     manifest = load_manifest(out)
     ok = manifest[manifest["status"] == "ok"].reset_index(drop=True)
     if ok.empty:

@@ -386,6 +386,10 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
     gen = torch.Generator().manual_seed(int(cfg.seed))
     kw = dict(batch_size=int(cfg.batch_size), num_workers=int(cfg.workers), pin_memory=device.type == "cuda",
               persistent_workers=int(cfg.workers) > 0)
+    if int(cfg.workers) > 0:
+        from .catalog import mp_context
+
+        kw["multiprocessing_context"] = mp_context()
     train_loader = DataLoader(dataset(train_idx, src.images, src.targets, True), shuffle=True, generator=gen,
                               drop_last=len(train_idx) > int(cfg.batch_size), **kw)
     val_loader = DataLoader(dataset(val_idx, src.images, src.targets, False), shuffle=False, **kw)

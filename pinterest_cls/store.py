@@ -10,7 +10,6 @@ the same batch as in an uninterrupted single-process run, so the result is bitwi
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .catalog import atomic_write_json
+from .catalog import atomic_write_json, locked
 from .errors import UserError
 
 EMBEDDINGS = "embeddings.npy"
@@ -46,18 +45,6 @@ def shard_range(n_rows: int, batch_size: int, index: int, count: int) -> tuple[i
     n_batches = -(-n_rows // batch_size)
     lo_b, hi_b = index * n_batches // count, (index + 1) * n_batches // count
     return min(lo_b * batch_size, n_rows), min(hi_b * batch_size, n_rows)
-
-
-@contextlib.contextmanager
-def locked(folder: Path):
-    """An exclusive lock on ``folder`` (shards of one store may start at the same moment)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _fsync_dir(folder: Path) -> None:
