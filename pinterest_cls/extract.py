@@ -287,6 +287,11 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
     dtype = str(cfg.store.dtype)
     if dtype not in ("float16", "float32"):
         raise UserError(f"store.dtype={dtype!r} must be float16 or float32")
+    threads = OmegaConf.select(cfg, "extract.threads", default=None)
+    if threads is not None:
+        if int(threads) < 1:
+            raise UserError(f"extract.threads={threads} must be >= 1 (or null for PyTorch's default)")
+        torch.set_num_threads(int(threads))
     shard = (int(ecfg.shard.index), int(ecfg.shard.count))
     lo, hi = shard_range(len(ok), batch_size, *shard)
     shard_name = f"shard {shard[0]}/{shard[1]} rows [{lo}, {hi})"

@@ -18,10 +18,10 @@ from pinterest_cls.config import CONF_DIR
 REPO = Path(__file__).resolve().parent.parent
 
 
-def make_cfg(verb: str, overrides: list[str]):
+def make_cfg(verb: str, overrides: list[str], return_hydra_config: bool = False):
     """The config ``python -m pinterest_cls.<verb> <overrides>`` would run with."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name=verb, overrides=overrides)
+        return compose(config_name=verb, overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 def run_verb(verb: str, *args: str, cwd: Path, timeout: float = 300, env: dict | None = None
