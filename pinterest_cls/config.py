@@ -31,6 +31,8 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 if not OmegaConf.has_resolver("pc_data_name"):
     OmegaConf.register_new_resolver("pc_data_name", _data_name)
+if not OmegaConf.has_resolver("pc_join"):  # a list as a Hydra sweep: [a, b] -> "a,b"
+    OmegaConf.register_new_resolver("pc_join", lambda items: ",".join(str(i) for i in items))
 
 
 def select(cfg: DictConfig, key: str):

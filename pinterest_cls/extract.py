@@ -411,7 +411,24 @@ def _report(cfg, backbone, meta, stats, timings, folder, tag, shard_name, worker
 @hydra.main(config_path=config.CONF_DIR, config_name="extract", version_base="1.3")
 @user_errors_exit
 def main(cfg: DictConfig) -> None:
+    _check_sweep(cfg)
     extract(cfg)
+
+
+def _check_sweep(cfg: DictConfig) -> None:
+    """A multirun job that sweeps ``backbone`` while ``backbones`` is also set (e.g. by an experiment config)
+    would extract every listed backbone in every job: refuse it."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not OmegaConf.select(cfg, "backbones", default=None) or not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    swept = [o for o in hc.overrides.task if o.split("=", 1)[0] in ("backbone", "+backbone")]
+    if hc.mode == RunMode.MULTIRUN and swept:
+        raise UserError(f"this multirun job has {swept[0]} but backbones={list(cfg.backbones)} is set too, so "
+                        "every job would extract every listed backbone; add backbones=null for one backbone "
+                        "per job, or run without -m to extract them all in one process")
 
 
 if __name__ == "__main__":

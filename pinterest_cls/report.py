@@ -59,7 +59,11 @@ def report(cfg: DictConfig) -> dict:
         raise UserError(f"no finished train runs in MLflow experiment {cfg.mlflow.experiment!r} at "
                         f"{cfg.mlflow.tracking_uri}; run python -m pinterest_cls.train first")
     best = best_per_cell(runs, str(cfg.report.select_by))
+    # report/ for the dataset's own experiment, report/<experiment>/ for another (e.g. demo-paper_grid)
+    experiment = str(cfg.mlflow.experiment)
     out = config.data_dir(cfg) / "report"
+    if experiment != str(cfg.data.name):
+        out = out / experiment
     out.mkdir(parents=True, exist_ok=True)
     best.to_csv(out / "runs.csv", index=False)
     tables = {}

@@ -1,0 +1,60 @@
+"""experiments/paper_grid: the study's grid as a command sequence, end to end on the demo export with the tiny
+grid (experiment=paper_grid_tiny), and the full grid's config for every verb."""
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from pinterest_cls.extract import backbone_configs
+
+from .conftest import make_cfg, run_verb
+
+STUDY = ["convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "convnext_xlarge",
+         "efficientnet_v2_b0", "efficientnet_v2_b1", "efficientnet_v2_b2", "efficientnet_v2_b3",
+         "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l", "xception"]
+
+
+def test_paper_grid_config_for_every_verb():
+    for verb in ("scan", "extract", "status", "train", "report"):
+        cfg = make_cfg(verb, ["+experiment=paper_grid", "data.root=/data/pins"], return_hydra_config=True)
+        assert list(cfg.grid.backbones) == [*STUDY, "efficientnet_lite0", "pixels"]
+        assert cfg.mlflow.experiment == "pins-paper_grid"
+        assert cfg.hydra.sweeper.params.backbone == ",".join(cfg.grid.backbones)
+    bcfgs = backbone_configs(make_cfg("extract", ["+experiment=paper_grid"]))
+    assert [b.model for b in bcfgs[:13]] == [
+        "convnext_tiny.fb_in1k", "convnext_small.fb_in1k", "convnext_base.fb_in22k_ft_in1k",
+        "convnext_large.fb_in22k_ft_in1k", "convnext_xlarge.fb_in22k_ft_in1k", "tf_efficientnetv2_b0.in1k",
+        "tf_efficientnetv2_b1.in1k", "tf_efficientnetv2_b2.in1k", "tf_efficientnetv2_b3.in1k",
+        "tf_efficientnetv2_s.in1k", "tf_efficientnetv2_m.in1k", "tf_efficientnetv2_l.in1k",
+        "legacy_xception.tf_in1k"]
+    assert all(OmegaConf.select(b, "pretrained", default=True) for b in bcfgs)  # never random in the paper grid
+    tiny = make_cfg("train", ["+experiment=paper_grid_tiny"])
+    assert list(tiny.grid.backbones) == ["test_convnext", "test_efficientnet", "efficientnet_lite0", "pixels"]
+    assert tiny.mlflow.experiment == "demo-paper_grid_tiny"
+
+
+def test_paper_grid_tiny_end_to_end_on_the_demo(tmp_path):
+    work = tmp_path / "work"
+    e = ["+experiment=paper_grid_tiny", f"paths.work={work}"]
+    proc = run_verb("scan", *e, cwd=tmp_path)
+    assert proc.returncode == 0 and "ok 145" in proc.stdout, proc.stderr
+    proc = run_verb("status", *e, "status.require_complete=true", cwd=tmp_path)
+    assert proc.returncode == 1 and "0 of 4 stores complete" in proc.stdout
+    # extract as a sweep over the grid needs backbones=null (else each job would extract all four)
+    proc = run_verb("extract", "-m", *e, cwd=tmp_path)
+    assert proc.returncode != 0 and "add backbones=null for one backbone per job" in proc.stderr
+    proc = run_verb("extract", *e, cwd=tmp_path)  # every grid backbone from one decode of each pin
+    assert proc.returncode == 0, proc.stderr
+    proc = run_verb("status", *e, "status.require_complete=true", cwd=tmp_path)
+    assert proc.returncode == 0 and "4 of 4 stores complete" in proc.stdout
+    proc = run_verb("train", "-m", *e, "classifier=svm,knn,mlp", "hydra/launcher=local", "train.n_jobs=1",
+                    cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_verb("report", *e, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = work / "demo" / "report" / "demo-paper_grid_tiny"
+    table = pd.read_csv(out / "test_f1_macro.csv", index_col=0)
+    assert sorted(table.index) == ["efficientnet_lite0", "pixels", "test_convnext", "test_efficientnet"]
+    assert sorted(table.columns) == ["knn", "mlp", "svm"]
+    assert table.notna().all().all() and ((table > 0.25) & (table <= 1)).all().all()  # 4 classes: above chance
+    assert len(pd.read_csv(out / "runs.csv")) == 12
+    assert (out / "test_f1_macro.png").stat().st_size > 10_000 and (out / "report.md").is_file()
