@@ -1,0 +1,165 @@
+"""paper_grid measurements: shard scaling, images/s per process here, and a projection for the full study.
+
+    python experiments/paper_grid/bench.py scaling [--n 1000] [--shards 1 2 4] [--backbone efficientnet_lite0]
+    python experiments/paper_grid/bench.py rates   [--n 128] [--backbones ...]
+    python experiments/paper_grid/bench.py project [--pins 500000] [--gpus 1 2 4 8 16] [--decode-per-cpu R]
+                                                   [--cpus-per-gpu 8]
+
+scaling: `extract -m ... extract.shard.count=K 'extract.shard.index=range(K)' hydra/launcher=local
+hydra.launcher.n_jobs=K` on N generated 736x1100 JPEGs for each K, timed end to end (process start-up
+included) and per shard (from the store's progress records); prints images/s and the ratio to K=1.
+rates: images/s of one extract process per backbone on this machine (random weights where the real ones
+cannot be downloaded here: speed does not depend on the values).
+project: hours for PINS pins x the 13 study backbones on N GPUs, from published per-GPU inference rates
+(published_rates.csv: timm's benchmark-infer-amp-nchw-pt240-cu124-rtx4090.csv, model alone, AMP) and a
+decode+resize rate per CPU core (measured here with `rates`), for one run per backbone vs one decode for all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+SIZE = (736, 1100)
+STUDY = ["convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "convnext_xlarge",
+         "efficientnet_v2_b0", "efficientnet_v2_b1", "efficientnet_v2_b2", "efficientnet_v2_b3",
+         "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l", "xception"]
+
+
+def header(n: int) -> None:
+    import torch
+
+    print(f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPUs, torch {torch.__version__}, "
+          f"{n} JPEGs {SIZE[0]}x{SIZE[1]}", flush=True)
+
+
+def scaling(args) -> None:
+    from pinterest_cls.demo import synthetic_export
+
+    base = Path(args.dir)
+    export = synthetic_export(base / f"export{args.n}", args.n, SIZE)
+    work = base / "work"
+    header(args.n)
+    common = [f"paths.work={work}", f"data.root={export}", f"backbone={args.backbone}", "mlflow.enabled=false",
+              f"extract.batch_size={args.batch_size}"]
+    subprocess.run([sys.executable, "-m", "pinterest_cls.scan", *common], check=True, capture_output=True)
+    store = work / export.name / "embeddings" / args.backbone
+    rows = []
+    for rep in range(args.reps):
+        for k in args.shards:
+            shutil.rmtree(store, ignore_errors=True)
+            cmd = [sys.executable, "-m", "pinterest_cls.extract", "-m", *common, f"extract.shard.count={k}",
+                   f"extract.shard.index=range({k})", "hydra/launcher=local", f"hydra.launcher.n_jobs={k}"]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                sys.exit(proc.stderr[-3000:])
+            meta = json.loads((store / "meta.json").read_text())
+            shards = meta["shards"]
+            assert meta["complete"], meta
+            slowest = max(s["elapsed_s"] for s in shards)
+            per_process = [(s["hi"] - s["lo"]) / s["elapsed_s"] for s in shards]
+            rows.append(dict(rep=rep, shards=k, wall_s=wall, end_to_end=args.n / wall, extraction=args.n / slowest,
+                             per_process=sum(per_process) / len(per_process),
+                             threads=meta["last_run"]["threads"], workers=meta["last_run"]["workers"]))
+            print(json.dumps({k2: round(v, 2) if isinstance(v, float) else v for k2, v in rows[-1].items()}),
+                  flush=True)
+    table = pd.DataFrame(rows).groupby("shards").median(numeric_only=True).drop(columns="rep")
+    table["extraction_vs_1"] = table["extraction"] / table.loc[args.shards[0], "extraction"]
+    table["end_to_end_vs_1"] = table["end_to_end"] / table.loc[args.shards[0], "end_to_end"]
+    print(f"\n{args.backbone}, median of {args.reps}; images/s (extraction: N / slowest shard's extraction time; "
+          "end_to_end: N / wall time of the whole multirun, process start-up included)")
+    print(table.round(3).to_string())
+
+
+def rates(args) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from pinterest_cls.config import CONF_DIR
+    from pinterest_cls.demo import synthetic_export
+    from pinterest_cls.extract import extract
+
+    base = Path(args.dir)
+    export = synthetic_export(base / f"export{args.n}", args.n, SIZE)
+    work = base / "work_rates"
+    header(args.n)
+    rows = []
+    for name in args.backbones:
+        over = [f"paths.work={work}", f"data.root={export}", "mlflow.enabled=false", "extract.overwrite=true",
+                f"extract.batch_size={args.batch_size}"]
+        if name.startswith("pixels"):  # pixels224: decode + resize to 224 + flatten, a model that costs nothing
+            size = int(name[6:] or 32)
+            over += ["backbone=pixels", f"backbone.image_size={size}", "backbone.grayscale=true",
+                     f"backbone.name={name}"]
+        else:
+            over += [f"backbone={name}"] + ([] if name == "efficientnet_lite0" else ["backbone.pretrained=false"])
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("extract", overrides=over)
+        meta = extract(cfg, progress=False)
+        run = meta["last_run"]
+        rows.append(dict(backbone=name, input=meta["preprocessing"].get("input_size"),
+                         images_per_s=run["images_per_s"], wait_s=run["wait_s"], compute_s=run["compute_s"],
+                         amp=run["amp"], workers=run["workers"]))
+        print(json.dumps(rows[-1]), flush=True)
+    print()
+    print(pd.DataFrame(rows).set_index("backbone").round(2).to_string())
+
+
+def project(args) -> None:
+    rates = pd.read_csv(HERE / "published_rates.csv").set_index("backbone")
+    study = rates.loc[STUDY]
+    decode = args.decode_per_cpu * args.cpus_per_gpu  # pins/s one GPU's data loader delivers
+    gpu_s = (1.0 / study["images_per_s"]).sum()  # seconds of GPU per pin for all 13 backbones
+    separate_s = (1.0 / study["images_per_s"].clip(upper=decode)).sum()  # each run bound by its slower side
+    together_s = max(gpu_s, 1.0 / decode)  # one decode per pin, all 13 models fed from it
+    print(f"published per-GPU rates (RTX 4090, AMP, model alone): sum over the 13 backbones = {gpu_s * 1e3:.2f} ms "
+          f"of GPU per pin; decode+resize {args.decode_per_cpu:.0f} pins/s per CPU x {args.cpus_per_gpu} CPUs "
+          f"per GPU = {decode:.0f} pins/s")
+    print(f"{'backbone':<20}{'size':>5}{'GPU img/s':>11}{'bound by':>10}")
+    for name, r in study.iterrows():
+        print(f"{name:<20}{int(r.image_size):>5}{r.images_per_s:>11.0f}"
+              f"{'decode' if r.images_per_s > decode else 'GPU':>10}")
+    print(f"\n{args.pins} pins x 13 backbones (hours):")
+    print(f"{'GPUs':>5}{'one run per backbone':>22}{'one decode for all':>20}")
+    for n in args.gpus:
+        print(f"{n:>5}{args.pins * separate_s / n / 3600:>22.2f}{args.pins * together_s / n / 3600:>20.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("scaling")
+    s.add_argument("--n", type=int, default=1000)
+    s.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
+    s.add_argument("--reps", type=int, default=1)
+    s.add_argument("--backbone", default="efficientnet_lite0")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--dir", default="/tmp/paper_grid_bench")
+    r = sub.add_parser("rates")
+    r.add_argument("--n", type=int, default=128)
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--backbones", nargs="+", default=["pixels224", "efficientnet_lite0", *STUDY])
+    r.add_argument("--dir", default="/tmp/paper_grid_bench")
+    p = sub.add_parser("project")
+    p.add_argument("--pins", type=int, default=500_000)
+    p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--decode-per-cpu", type=float, default=200.0,
+                   help="pins/s one CPU core decodes and resizes (pixels224 row of `rates`, per worker)")
+    p.add_argument("--cpus-per-gpu", type=int, default=8)
+    args = ap.parse_args()
+    {"scaling": scaling, "rates": rates, "project": project}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
