@@ -22,7 +22,8 @@ class PinDataset(Dataset):
     transform resizes that image for its backbone); ``min_size``: the shorter side each transform resizes to
     (an int, or a list matching ``transforms``), the JPEG draft target. With several transforms the file is
     decoded once per distinct draft reduction among them (:func:`load_rgb_variants`), so each backbone gets
-    exactly the pixels a run of its own would.
+    exactly the pixels a run of its own would. Backbones with the same preprocessing (same transform and draft
+    target, e.g. the ConvNeXt family) share one resized tensor.
     """
 
     def __init__(self, paths: Sequence[str], rows: Sequence[int], transforms, min_size,
@@ -36,6 +37,9 @@ class PinDataset(Dataset):
             raise ValueError(f"{len(sizes)} min_size values for {len(self.transforms)} transforms")
         self.min_sizes = sizes if draft else [None] * len(sizes)
         self.max_pixels = max_pixels
+        # transforms identical in every parameter (their repr) and draft target are computed once
+        keys = [(repr(t), m) for t, m in zip(self.transforms, self.min_sizes)]
+        self.first_of = [keys.index(k) for k in keys]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -47,7 +51,9 @@ class PinDataset(Dataset):
                 images = load_rgb_variants(self.paths[row], self.min_sizes, max_pixels=self.max_pixels)
             else:
                 images = [load_rgb(self.paths[row], min_size=self.min_sizes[0], max_pixels=self.max_pixels)]
-            pixels = [t(image) for t, image in zip(self.transforms, images)]
+            pixels = []
+            for k, (t, image) in enumerate(zip(self.transforms, images)):
+                pixels.append(t(image) if self.first_of[k] == k else pixels[self.first_of[k]])
         except ImageDecodeError as exc:
             return row, None, str(exc)
         except Exception as exc:  # a transform failing on odd input is still this row's failure
@@ -64,7 +70,10 @@ def collate_pins(items):
         return rows, None, failures
     first = ok[0][1]
     if isinstance(first, list):
-        pixels = [torch.stack([px[k] for _, px in ok]) for k in range(len(first))]
+        pixels = []
+        for k in range(len(first)):  # a tensor shared by several backbones is stacked (and sent) once
+            same = next(j for j in range(k + 1) if first[j] is first[k])
+            pixels.append(pixels[same] if same < k else torch.stack([px[k] for _, px in ok]))
     else:
         pixels = torch.stack([px for _, px in ok])
     return rows, pixels, failures

@@ -260,3 +260,23 @@ def test_parallel_sweep_against_a_tracking_server(tmp_path, embedded, big_export
         server.terminate()
         server.wait(timeout=30)
 
+
+
+def test_backbones_with_the_same_preprocessing_share_one_resized_tensor(big_export):
+    import torch
+
+    from pinterest_cls.backbones import build_backbone
+    from pinterest_cls.data import PinDataset, collate_pins
+    from pinterest_cls.extract import backbone_configs
+
+    torch.manual_seed(0)
+    backbones = [build_backbone(b) for b in backbone_configs(make_cfg("extract", [BACKBONES]))]
+    paths = sorted(str(p) for p in big_export.rglob("*.jpg"))[:3]
+    dataset = PinDataset(paths, range(3), [b.transform for b in backbones], [b.resize_size for b in backbones])
+    assert dataset.first_of == [0, 0, 2]  # the two 64 px test models resize alike; pixels (32 px) does not
+    rows, pixels, failed = collate_pins([dataset[i] for i in range(3)])
+    assert pixels[0] is pixels[1] and pixels[2].shape == (3, 3, 32, 32) and not failed
+    for k, b in enumerate(backbones):
+        for i, path in enumerate(paths):
+            alone = b.transform(load_rgb(path, min_size=b.resize_size))
+            assert torch.equal(pixels[k][i], alone)

@@ -9,7 +9,10 @@ another, as the study did. Repeats both --reps times, alternating, and prints th
 ratio (b)/(a). Also checks that both ways wrote bitwise-identical stores.
 
 A name `timm:MODEL` is any timm model with random weights (pretrained weights cannot be downloaded here;
-speed does not depend on the values); other names are from conf/backbone/ (efficientnet_lite0 has real weights).
+speed does not depend on the values); `pixels:SIZE` is the pixel baseline at SIZE, grayscale: decode and resize
+with a model that costs nothing, standing in for a backbone on a GPU much faster than the decoding (e.g.
+`pixels:224 pixels:240 pixels:260`: the input sizes of efficientnet_v2_b0/b1/b2). Other names are from
+conf/backbone/ (efficientnet_lite0 has real weights).
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ def entry(name: str) -> str:
     """Command-line form of a backbones entry."""
     if name.startswith("timm:"):
         return f"{{kind:timm,model:{name[5:]},pretrained:false}}"
+    if name.startswith("pixels:"):  # decode + resize to SIZE, grayscale: a "model" that costs nothing
+        size = int(name[7:])
+        return f"{{kind:pixels,name:pixels{size},image_size:{size},grayscale:true}}"
     return name
 
 
