@@ -2,8 +2,8 @@
 
     python experiments/paper_grid/bench.py scaling [--n 1000] [--shards 1 2 4] [--backbone efficientnet_lite0]
     python experiments/paper_grid/bench.py rates   [--n 128] [--backbones ...]
-    python experiments/paper_grid/bench.py project [--pins 500000] [--gpus 1 2 4 8 16] [--decode-per-cpu R]
-                                                   [--cpus-per-gpu 8]
+    python experiments/paper_grid/bench.py project [--pins 500000] [--gpus 1 2 4 8 16] [--decode-ms 2.14]
+                                                   [--resize-ms 1.54] [--cpus-per-gpu 8]
 
 scaling: `extract -m ... extract.shard.count=K 'extract.shard.index=range(K)' hydra/launcher=local
 hydra.launcher.n_jobs=K` on N generated 736x1100 JPEGs for each K, timed end to end (process start-up
@@ -11,8 +11,10 @@ included) and per shard (from the store's progress records); prints images/s and
 rates: images/s of one extract process per backbone on this machine (random weights where the real ones
 cannot be downloaded here: speed does not depend on the values).
 project: hours for PINS pins x the 13 study backbones on N GPUs, from published per-GPU inference rates
-(published_rates.csv: timm's benchmark-infer-amp-nchw-pt240-cu124-rtx4090.csv, model alone, AMP) and a
-decode+resize rate per CPU core (measured here with `rates`), for one run per backbone vs one decode for all.
+(published_rates.csv: timm's benchmark-infer-amp-nchw-pt240-cu124-rtx4090.csv, model alone, AMP) and the
+CPU cost of decoding and resizing a pin (measured here: `decode` prints it), for one run per backbone vs one
+decode for all.
+decode: ms of one CPU core to decode a generated 736x1100 JPEG (draft mode, as extract) and to resize it.
 """
 
 from __future__ import annotations
@@ -50,9 +52,9 @@ def scaling(args) -> None:
     export = synthetic_export(base / f"export{args.n}", args.n, SIZE)
     work = base / "work"
     header(args.n)
-    common = [f"paths.work={work}", f"data.root={export}", f"backbone={args.backbone}", "mlflow.enabled=false",
-              f"extract.batch_size={args.batch_size}"]
-    subprocess.run([sys.executable, "-m", "pinterest_cls.scan", *common], check=True, capture_output=True)
+    data = [f"paths.work={work}", f"data.root={export}"]
+    common = [*data, f"backbone={args.backbone}", "mlflow.enabled=false", f"extract.batch_size={args.batch_size}"]
+    subprocess.run([sys.executable, "-m", "pinterest_cls.scan", *data], check=True, capture_output=True)
     store = work / export.name / "embeddings" / args.backbone
     rows = []
     for rep in range(args.reps):
@@ -119,21 +121,51 @@ def rates(args) -> None:
 def project(args) -> None:
     rates = pd.read_csv(HERE / "published_rates.csv").set_index("backbone")
     study = rates.loc[STUDY]
-    decode = args.decode_per_cpu * args.cpus_per_gpu  # pins/s one GPU's data loader delivers
+    cpu = args.cpus_per_gpu
+    # distinct preprocessings: the five ConvNeXts share one (224 px, crop 0.875, bicubic), the others differ
+    distinct = 1 + (len(STUDY) - 5)
     gpu_s = (1.0 / study["images_per_s"]).sum()  # seconds of GPU per pin for all 13 backbones
-    separate_s = (1.0 / study["images_per_s"].clip(upper=decode)).sum()  # each run bound by its slower side
-    together_s = max(gpu_s, 1.0 / decode)  # one decode per pin, all 13 models fed from it
-    print(f"published per-GPU rates (RTX 4090, AMP, model alone): sum over the 13 backbones = {gpu_s * 1e3:.2f} ms "
-          f"of GPU per pin; decode+resize {args.decode_per_cpu:.0f} pins/s per CPU x {args.cpus_per_gpu} CPUs "
-          f"per GPU = {decode:.0f} pins/s")
+    one_run_cpu_s = (args.decode_ms + args.resize_ms) / 1e3 / cpu  # per pin, per backbone run
+    separate_s = sum(max(1.0 / r, one_run_cpu_s) for r in study["images_per_s"])
+    together_cpu_s = (args.decode_ms + distinct * args.resize_ms) / 1e3 / cpu
+    together_s = max(gpu_s, together_cpu_s)
+    print(f"published per-GPU rates (RTX 4090, AMP, model alone): {gpu_s * 1e3:.2f} ms of GPU per pin for the 13 "
+          f"backbones; CPU per pin: decode {args.decode_ms} ms + resize {args.resize_ms} ms per preprocessing, "
+          f"{cpu} CPUs per GPU")
+    print(f"one run per backbone: the data loader delivers {1 / one_run_cpu_s:.0f} pins/s per run; "
+          f"one decode for all ({distinct} distinct preprocessings): {1 / together_cpu_s:.0f} pins/s")
     print(f"{'backbone':<20}{'size':>5}{'GPU img/s':>11}{'bound by':>10}")
     for name, r in study.iterrows():
         print(f"{name:<20}{int(r.image_size):>5}{r.images_per_s:>11.0f}"
-              f"{'decode' if r.images_per_s > decode else 'GPU':>10}")
-    print(f"\n{args.pins} pins x 13 backbones (hours):")
+              f"{'decode' if r.images_per_s * one_run_cpu_s > 1 else 'GPU':>10}")
+    print(f"\n{args.pins} pins x 13 backbones, hours of wall time on N GPUs (each with {cpu} CPUs):")
     print(f"{'GPUs':>5}{'one run per backbone':>22}{'one decode for all':>20}")
     for n in args.gpus:
         print(f"{n:>5}{args.pins * separate_s / n / 3600:>22.2f}{args.pins * together_s / n / 3600:>20.2f}")
+    print(f"one decode for all / one run per backbone: {separate_s / together_s:.2f}x faster")
+
+
+def decode(args) -> None:
+    from omegaconf import OmegaConf
+
+    from pinterest_cls.backbones import build_backbone
+    from pinterest_cls.demo import synthetic_export
+    from pinterest_cls.images import load_rgb
+
+    export = synthetic_export(Path(args.dir) / f"export{args.n}", args.n, SIZE)
+    paths = sorted(str(p) for p in export.rglob("*.jpg"))
+    b = build_backbone(OmegaConf.create({"name": "p", "kind": "pixels", "image_size": 224, "grayscale": False}))
+    for p in paths[:20]:
+        load_rgb(p, min_size=b.resize_size)
+    t0 = time.perf_counter()
+    images = [load_rgb(p, min_size=b.resize_size) for p in paths]
+    t1 = time.perf_counter()
+    for im in images:
+        b.transform(im)
+    t2 = time.perf_counter()
+    print(f"{len(paths)} JPEGs {SIZE[0]}x{SIZE[1]}, one core: decode {1e3 * (t1 - t0) / len(paths):.2f} ms "
+          f"(draft to {images[0].size[0]}x{images[0].size[1]}), resize to 224 + tensor "
+          f"{1e3 * (t2 - t1) / len(paths):.2f} ms per pin")
 
 
 def main() -> None:
@@ -154,11 +186,15 @@ def main() -> None:
     p = sub.add_parser("project")
     p.add_argument("--pins", type=int, default=500_000)
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--decode-per-cpu", type=float, default=200.0,
-                   help="pins/s one CPU core decodes and resizes (pixels224 row of `rates`, per worker)")
+    p.add_argument("--decode-ms", type=float, default=2.14,
+                   help="CPU ms to decode one 736x1100 JPEG with draft 1/2 (measured here)")
+    p.add_argument("--resize-ms", type=float, default=1.54, help="CPU ms to resize it to 224 px + tensor (here)")
     p.add_argument("--cpus-per-gpu", type=int, default=8)
+    d = sub.add_parser("decode")
+    d.add_argument("--n", type=int, default=400)
+    d.add_argument("--dir", default="/tmp/paper_grid_bench")
     args = ap.parse_args()
-    {"scaling": scaling, "rates": rates, "project": project}[args.what](args)
+    {"scaling": scaling, "rates": rates, "project": project, "decode": decode}[args.what](args)
 
 
 if __name__ == "__main__":
