@@ -62,6 +62,15 @@ def _describe(exc: BaseException, fmt: str | None) -> str:
     return f"{fmt + ': ' if fmt else ''}{text}".splitlines()[0]
 
 
+def _decode_error(exc: Exception, fmt: str | None) -> ImageDecodeError:
+    """The :class:`ImageDecodeError` a decoding failure is reported as."""
+    if isinstance(exc, ImageDecodeError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return ImageDecodeError("file not found")
+    return ImageDecodeError(_describe(exc, fmt))
+
+
 def _open_checked(path: str | os.PathLike, max_pixels: int) -> Image.Image:
     """``Image.open`` plus the pixel-count check made on the header alone, before any decoding."""
     im = Image.open(path)
@@ -187,12 +196,8 @@ def load_rgb(
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return _to_rgb(im)
-    except ImageDecodeError:
-        raise
-    except FileNotFoundError:
-        raise ImageDecodeError("file not found") from None
     except Exception as exc:
-        raise ImageDecodeError(_describe(exc, fmt)) from None
+        raise _decode_error(exc, fmt) from None
 
 
 def _draft_scale(size: tuple[int, int], min_size: int | None) -> int:
@@ -219,12 +224,8 @@ def load_rgb_variants(
     try:
         with _pillow_limits(False), _open_checked(path, max_pixels) as im:
             jpeg, size = im.format == "JPEG" and len(im.tile) == 1, im.size
-    except ImageDecodeError:
-        raise
-    except FileNotFoundError:
-        raise ImageDecodeError("file not found") from None
     except Exception as exc:
-        raise ImageDecodeError(_describe(exc, None)) from None
+        raise _decode_error(exc, None) from None
     keys = [_draft_scale(size, m) if jpeg else 1 for m in min_sizes]
     decoded: dict[int, Image.Image] = {}
     for key, m in zip(keys, min_sizes):
