@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +68,34 @@ def make_pinterest_export(root: Path, boards: dict, pins_per_board: int = 3, siz
 @pytest.fixture
 def work(tmp_path) -> Path:
     return tmp_path / "work"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(args: list[str], port: int, path: str, cwd: Path, env: dict | None = None, timeout: float = 120):
+    """Run ``python -m <args>`` as a server (the venv's bin on PATH, as in an activated environment: mlflow
+    starts `uvicorn` from PATH) until http://127.0.0.1:port<path> answers 200; stop it afterwards."""
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+               **(env or {}))
+    server = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise AssertionError(server.stdout.read().decode()[-3000:]) from None
+                time.sleep(1)
+        yield server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

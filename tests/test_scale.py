@@ -3,10 +3,6 @@ parameters, and parallel train jobs into one SQLite store and into a real MLflow
 
 import os
 import signal
-import subprocess
-import sys
-import time
-import urllib.request
 
 import mlflow
 import pandas as pd
@@ -18,8 +14,7 @@ from pinterest_cls.images import _draft_scale, load_rgb, load_rgb_variants
 from pinterest_cls.status import status
 from pinterest_cls.store import open_embeddings
 
-from .conftest import make_cfg, make_pinterest_export, run_verb
-from .test_use import _free_port
+from .conftest import free_port, make_cfg, make_pinterest_export, run_verb, serving
 
 BACKBONES = "backbones=[test_efficientnet,test_convnext,pixels]"
 COMMON = ["extract.batch_size=4", "extract.amp=off", "store.dtype=float32"]
@@ -222,25 +217,13 @@ def test_parallel_sweep_into_one_sqlite_store_loses_no_run(tmp_path, embedded, b
 
 
 def test_parallel_sweep_against_a_tracking_server(tmp_path, embedded, big_export):
-    port = _free_port()
+    port = free_port()
     server_dir = tmp_path / "server"
     server_dir.mkdir()
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{server_dir}/mlflow.db",
-                               "--artifacts-destination", str(server_dir / "artifacts"), "--workers", "2"],
-                              cwd=server_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(server.stdout.read().decode()[-3000:]) from None
-                time.sleep(1)
+    with serving(["mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                  "--backend-store-uri", f"sqlite:///{server_dir}/mlflow.db",
+                  "--artifacts-destination", str(server_dir / "artifacts"), "--workers", "2"],
+                 port, "/health", cwd=server_dir, timeout=180):
         uri = f"http://127.0.0.1:{port}"
         proc = _train_sweep(embedded, big_export, "classifier=svm,knn,logreg,random_forest", "seed=0,1",
                             "hydra.launcher.n_jobs=8", f"mlflow.tracking_uri={uri}", "train.log_pipeline=false",
@@ -256,9 +239,6 @@ def test_parallel_sweep_against_a_tracking_server(tmp_path, embedded, big_export
         assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)
         loaded = mlflow.sklearn.load_model(f"runs:/{runs[0].info.run_id}/model")
         assert hasattr(loaded, "predict")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 

@@ -2,11 +2,6 @@
 
 import base64
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 
 import joblib
@@ -23,7 +18,7 @@ from pinterest_cls.search import search
 from pinterest_cls.store import open_embeddings
 from pinterest_cls.train import train
 
-from .conftest import make_cfg, run_verb
+from .conftest import free_port, make_cfg, run_verb, serving
 
 TINY = ["backbone=timm", "backbone.model=test_efficientnet", "backbone.pretrained=false", "backbone.image_size=64"]
 
@@ -123,12 +118,6 @@ def test_predict_errors(trained, tmp_path):
                                      f"inputs={tmp_path / 'nope'}"]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_pyfunc_model_loads_and_serves(trained, tmp_path):
     work, result = trained
     uri = f"sqlite:///{work}/mlflow.db"
@@ -140,25 +129,9 @@ def test_pyfunc_model_loads_and_serves(trained, tmp_path):
     out = loaded.predict(pd.DataFrame({"path": [str(p) for p in good]}))
     assert list(out["status"]) == ["ok", "ok"]
 
-    port = _free_port()
-    # as in an activated virtual environment: mlflow starts the server's `uvicorn` from PATH
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri,
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-                               "local", "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(server.stdout.read().decode()[-3000:]) from None
-                time.sleep(1)
-
+    port = free_port()
+    with serving(["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1",
+                  "-p", str(port)], port, "/ping", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}):
         def invoke(columns, rows):
             body = json.dumps({"dataframe_split": {"columns": columns, "data": rows}}).encode()
             req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
@@ -171,6 +144,3 @@ def test_pyfunc_model_loads_and_serves(trained, tmp_path):
         assert [p["prediction"] for p in by_path] == list(out["prediction"])
         assert [p["prediction"] for p in by_bytes] == list(out["prediction"])
         assert all(p["status"] == "ok" and 0 < p["score"] <= 1 for p in by_path)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
