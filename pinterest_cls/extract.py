@@ -224,7 +224,10 @@ class _Job:
         self.timings: list[tuple[int, int, float, float]] = []
 
 
-def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, amp, batch_size: int, dtype: str):
+def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, rows_id: str, manifest_id: str, amp, batch_size: int,
+                dtype: str):
+    """Build ``bcfg``'s backbone and open (or create) its store. ``rows_id``/``manifest_id``: the sha256 of
+    the rows to embed and of the manifest, computed once per run for all its backbones."""
     from .backbones import build_backbone
 
     torch.manual_seed(int(cfg.extract.seed))  # random-init backbones (pretrained=false) are reproducible
@@ -235,7 +238,7 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, amp, batch_size: int, dty
     fingerprint = {
         **{k: v for k, v in backbone.info.items() if k != "weights"},
         "weights": backbone.info["weights"] if backbone.info.get("weights_sha256") is None else None,
-        "rows_sha256": rows_sha256(ok), "rows": len(ok), "dtype": dtype, "batch_size": batch_size,
+        "rows_sha256": rows_id, "rows": len(ok), "dtype": dtype, "batch_size": batch_size,
         "draft": bool(ecfg.draft), "amp": str(amp).replace("torch.", "") if amp else None,
         "seed": int(ecfg.seed),
     }
@@ -252,7 +255,7 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, amp, batch_size: int, dty
                     "batch_size": batch_size, "max_pixels": int(cfg.scan.max_pixels)},
         "data_root": None if config.select(cfg, "data.root") in (None, "") else str(cfg.data.root),
         "manifest": str(config.data_dir(cfg) / MANIFEST),
-        "manifest_sha256": file_sha256(config.data_dir(cfg) / MANIFEST),
+        "manifest_sha256": manifest_id,
         "versions": library_versions(),
     }
     store = EmbeddingStore.open_or_create(folder, index, backbone.dim, dtype, meta, fingerprint,
@@ -298,8 +301,9 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
 
     metas: dict[str, dict] = {}
     jobs: list[_Job] = []
+    rows_id, manifest_id = rows_sha256(ok), file_sha256(config.data_dir(cfg) / MANIFEST)
     for bcfg in bcfgs:
-        backbone, store, folder = _open_store(cfg, bcfg, ok, amp, batch_size, dtype)
+        backbone, store, folder = _open_store(cfg, bcfg, ok, rows_id, manifest_id, amp, batch_size, dtype)
         record = store.progress(lo, hi)
         if record["done"] >= hi:
             print(f"{backbone.name}: {shard_name} already done.", flush=True)

@@ -16,11 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import config
 from .errors import UserError, user_errors_exit
-from .store import META, PROGRESS, shard_range
-
-
-def _records(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((folder / PROGRESS).glob("rows_*.json"))]
+from .store import META, merge_records, read_records, shard_range
 
 
 def rerun_command(meta: dict, index: int, count: int) -> str:
@@ -50,11 +46,8 @@ def store_status(folder: Path) -> dict:
     meta = json.loads((folder / META).read_text())
     rows = int(meta["rows"])
     batch = int(meta.get("extract", {}).get("batch_size") or meta["fingerprint"]["batch_size"])
-    records = _records(folder)
-    done_rows, failed = set(), set()
-    for rec in records:
-        done_rows.update(range(rec["lo"], rec["done"]))
-        failed.update(int(r) for r in rec["failures"] if int(r) < rec["done"])
+    records = read_records(folder)
+    done, failures = merge_records(records, rows)
     by_range = {(r["lo"], r["hi"]): r for r in records}
     counts = sorted({r["shard"][1] for r in records if "shard" in r}) or ([1] if not records else [])
     shards, seen = [], set()
@@ -67,10 +60,10 @@ def store_status(folder: Path) -> dict:
     for (lo, hi), rec in sorted(by_range.items()):  # records from a sharding that no longer matches
         if (lo, hi) not in seen:
             shards.append(_shard_entry(meta, None, None, lo, hi, rec))
-    n_done = len(done_rows)
+    n_done = int(done.sum())
     state = "complete" if n_done == rows else ("partial" if n_done else "not started")
     return {"backbone": meta["backbone"], "folder": str(folder), "state": state, "rows": rows,
-            "rows_done": n_done, "rows_failed": len(failed), "shards": shards}
+            "rows_done": n_done, "rows_failed": len(failures), "shards": shards}
 
 
 def _shard_entry(meta, index, count, lo, hi, rec) -> dict:

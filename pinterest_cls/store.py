@@ -61,6 +61,21 @@ def describe_mismatch(stored: dict, wanted: dict) -> str:
     return "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
 
 
+def read_records(folder: Path) -> list[dict]:
+    """The progress records of the store at ``folder`` (one per shard that has committed)."""
+    return [json.loads(p.read_text()) for p in sorted((Path(folder) / PROGRESS).glob("rows_*.json"))]
+
+
+def merge_records(records: list[dict], n_rows: int) -> tuple[np.ndarray, dict[int, str]]:
+    """(rows done: bool array, failures {row: reason}) merged over ``records``."""
+    done = np.zeros(n_rows, dtype=bool)
+    failures: dict[int, str] = {}
+    for rec in records:
+        done[rec["lo"]:rec["done"]] = True
+        failures.update({int(k): v for k, v in rec["failures"].items() if int(k) < rec["done"]})
+    return done, failures
+
+
 class EmbeddingStore:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -127,16 +142,11 @@ class EmbeddingStore:
     # --- completion -----------------------------------------------------------------------------------
 
     def records(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted((self.folder / PROGRESS).glob("rows_*.json"))]
+        return read_records(self.folder)
 
     def coverage(self) -> tuple[np.ndarray, dict[int, str]]:
         """(rows done: bool array, failures {row: reason}) merged over every progress record."""
-        done = np.zeros(self.meta["rows"], dtype=bool)
-        failures: dict[int, str] = {}
-        for rec in self.records():
-            done[rec["lo"]:rec["done"]] = True
-            failures.update({int(k): v for k, v in rec["failures"].items() if int(k) < rec["done"]})
-        return done, failures
+        return merge_records(self.records(), self.meta["rows"])
 
     def finalize(self, extra_meta: dict | None = None) -> dict:
         """Rewrite ``index.parquet`` (embedded flags, failure reasons) and ``meta.json`` from the progress
