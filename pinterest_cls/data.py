@@ -27,8 +27,11 @@ class PinDataset(Dataset):
     """
 
     def __init__(self, paths: Sequence[str], rows: Sequence[int], transforms, min_size,
-                 draft: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 draft: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, encoded: bool = False):
         self.paths = paths
+        # encoded (extract.decode=gpu): items carry the bytes of the JPEGs nvJPEG decodes to what this path
+        # gives (gpu_decode.gpu_decodable); every other file is decoded here as usual
+        self.encoded = encoded
         self.rows = rows
         self.multi = isinstance(transforms, (list, tuple))
         self.transforms = list(transforms) if self.multi else [transforms]
@@ -46,6 +49,19 @@ class PinDataset(Dataset):
 
     def __getitem__(self, i: int):
         row = int(self.rows[i])
+        if self.encoded:
+            from .gpu_decode import gpu_decodable
+
+            try:
+                data = gpu_decodable(self.paths[row], self.max_pixels)
+            except ImageDecodeError as exc:
+                return row, None, str(exc)
+            if data is not None:
+                return row, Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8)), ""
+        return self.decode_row(row)
+
+    def decode_row(self, row: int):
+        """``(row, pixels | None, reason)``: the file decoded and transformed on the CPU."""
         try:
             if self.multi:
                 images = load_rgb_variants(self.paths[row], self.min_sizes, max_pixels=self.max_pixels)
@@ -59,6 +75,32 @@ class PinDataset(Dataset):
         except Exception as exc:  # a transform failing on odd input is still this row's failure
             return row, None, f"{type(exc).__name__}: {exc}"
         return row, pixels if self.multi else pixels[0], ""
+
+
+class Encoded:
+    """A file's bytes for the GPU decoder, in place of its pixels."""
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+
+
+def collate_encoded(items):
+    """extract.decode=gpu -> (rows of usable items: LongTensor, payload or None, failures: [(row, reason)]).
+
+    ``payload["encoded"]``: the JPEGs' bytes packed into one uint8 tensor (one shared-memory transfer from the
+    worker, not one per file) with ``rows`` and ``offsets``; ``payload["decoded"]``: {row: [pixels per
+    transform]} for the files decoded on the CPU path."""
+    failures = [(row, reason) for row, px, reason in items if px is None]
+    ok = [(row, px) for row, px, _ in items if px is not None]
+    rows = torch.tensor([row for row, _ in ok], dtype=torch.long)
+    if not ok:
+        return rows, None, failures
+    encoded = [(row, px.data) for row, px in ok if isinstance(px, Encoded)]
+    sizes = [len(data) for _, data in encoded]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    buffer = torch.cat([data for _, data in encoded]) if encoded else torch.zeros(0, dtype=torch.uint8)
+    return rows, {"encoded": {"rows": [row for row, _ in encoded], "buffer": buffer, "offsets": offsets},
+                  "decoded": {row: px for row, px in ok if not isinstance(px, Encoded)}}, failures
 
 
 def collate_pins(items):
@@ -86,8 +128,9 @@ def make_loader(dataset: PinDataset, batch_size: int, workers: int, pin_memory: 
     kwargs = {}
     if workers > 0:
         kwargs = dict(persistent_workers=True, prefetch_factor=prefetch_factor, multiprocessing_context=mp_context())
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=collate_pins, pin_memory=pin_memory, drop_last=False, **kwargs)
+    collate = collate_encoded if getattr(dataset, "encoded", False) else collate_pins
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, drop_last=False, **kwargs)
 
 
 def default_workers() -> int:

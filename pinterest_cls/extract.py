@@ -60,19 +60,38 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
+@contextlib.contextmanager
+def _strict_fp32(device: torch.device):
+    """fp32 on CUDA means fp32: cuDNN convolutions (and matmuls, if someone enabled it) would otherwise run in
+    TF32, a 10-bit mantissa, without saying so. ``extract.amp`` is the one switch for reduced precision."""
+    if device.type != "cuda":
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+
+
 class Runner:
-    """Runs a feature model on batches; on CUDA out-of-memory, halves the micro-batch and retries."""
+    """Runs a feature model on batches (on the CPU or already on the device); on CUDA out-of-memory, halves
+    the micro-batch and retries, and keeps the smaller micro-batch from then on.
+
+    ``micro_batch``: rows per forward pass (None: the whole batch). The features' last bits depend on it, so
+    extract records the micro-batch in effect with each commit and a resumed run continues with it."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, amp: torch.dtype | None,
-                 channels_last: bool):
+                 channels_last: bool, micro_batch: int | None = None):
         self.model, self.device, self.amp, self.channels_last = model, device, amp, channels_last
-        self.micro_batch: int | None = None
+        self.micro_batch: int | None = micro_batch
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else _strict_fp32(self.device)
         with ctx:
             return self.model(x).float()
 
@@ -86,10 +105,11 @@ class Runner:
                 except torch.cuda.OutOfMemoryError:
                     if step <= 1:
                         raise
-                    torch.cuda.empty_cache()
-                    self.micro_batch = max(1, step // 2)
-                    print(f"CUDA out of memory: retrying with micro-batches of {self.micro_batch}",
-                          file=sys.stderr, flush=True)
+                # out of the except block, the failed pass's tensors are freed with its traceback
+                torch.cuda.empty_cache()
+                self.micro_batch = max(1, step // 2)
+                print(f"CUDA out of memory: retrying with micro-batches of {self.micro_batch} "
+                      f"(set extract.micro_batch={self.micro_batch} to start there)", file=sys.stderr, flush=True)
 
 
 def backbone_from_meta(meta: dict, check_weights: bool = True):
@@ -225,7 +245,7 @@ class _Job:
 
 
 def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, rows_id: str, manifest_id: str, amp, batch_size: int,
-                dtype: str):
+                dtype: str, decode: str, micro_batch: int | None):
     """Build ``bcfg``'s backbone and open (or create) its store. ``rows_id``/``manifest_id``: the sha256 of
     the rows to embed and of the manifest, computed once per run for all its backbones."""
     from .backbones import build_backbone
@@ -240,7 +260,7 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, rows_id: str, manifest_id
         "weights": backbone.info["weights"] if backbone.info.get("weights_sha256") is None else None,
         "rows_sha256": rows_id, "rows": len(ok), "dtype": dtype, "batch_size": batch_size,
         "draft": bool(ecfg.draft), "amp": str(amp).replace("torch.", "") if amp else None,
-        "seed": int(ecfg.seed),
+        "seed": int(ecfg.seed), "decode": decode, "micro_batch": micro_batch,
     }
     meta = {
         "backbone": backbone.name, "timm_id": backbone.info.get("timm_id"),
@@ -252,7 +272,8 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, rows_id: str, manifest_id
         # what predict/search need to embed new images exactly like these rows
         "backbone_config": OmegaConf.to_container(bcfg, resolve=True),
         "extract": {"seed": int(ecfg.seed), "draft": bool(ecfg.draft), "amp": str(ecfg.amp),
-                    "batch_size": batch_size, "max_pixels": int(cfg.scan.max_pixels)},
+                    "batch_size": batch_size, "max_pixels": int(cfg.scan.max_pixels), "decode": decode,
+                    "micro_batch": micro_batch},
         "data_root": None if config.select(cfg, "data.root") in (None, "") else str(cfg.data.root),
         "manifest": str(config.data_dir(cfg) / MANIFEST),
         "manifest_sha256": manifest_id,
@@ -279,6 +300,7 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
     from tqdm.auto import tqdm
 
     from .data import PinDataset, default_workers, make_loader
+    from .gpu_decode import GpuDecoder
 
     ecfg = cfg.extract
     manifest, ok = ok_rows(cfg)
@@ -287,6 +309,16 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
     batch_size = int(ecfg.batch_size)
     if batch_size < 1:
         raise UserError(f"extract.batch_size={batch_size} must be >= 1")
+    micro_batch = OmegaConf.select(cfg, "extract.micro_batch", default=None)
+    micro_batch = None if micro_batch is None or int(micro_batch) >= batch_size else int(micro_batch)
+    if micro_batch is not None and micro_batch < 1:
+        raise UserError(f"extract.micro_batch={micro_batch} must be >= 1 (or null for the whole batch)")
+    decode = str(OmegaConf.select(cfg, "extract.decode", default="cpu"))
+    if decode not in ("cpu", "gpu"):
+        raise UserError(f"extract.decode={decode!r} must be cpu (workers decode) or gpu (nvJPEG on the device)")
+    if decode == "gpu" and device.type != "cuda":
+        raise UserError(f"extract.decode=gpu needs a CUDA device, but extract.device={ecfg.device} resolved to "
+                        f"{device}; use extract.decode=cpu")
     dtype = str(cfg.store.dtype)
     if dtype not in ("float16", "float32"):
         raise UserError(f"store.dtype={dtype!r} must be float16 or float32")
@@ -303,7 +335,8 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
     jobs: list[_Job] = []
     rows_id, manifest_id = rows_sha256(ok), file_sha256(config.data_dir(cfg) / MANIFEST)
     for bcfg in bcfgs:
-        backbone, store, folder = _open_store(cfg, bcfg, ok, rows_id, manifest_id, amp, batch_size, dtype)
+        backbone, store, folder = _open_store(cfg, bcfg, ok, rows_id, manifest_id, amp, batch_size, dtype,
+                                              decode, micro_batch)
         record = store.progress(lo, hi)
         if record["done"] >= hi:
             print(f"{backbone.name}: {shard_name} already done.", flush=True)
@@ -312,8 +345,9 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
         if record["done"] > lo:
             print(f"{backbone.name}: resuming {shard_name} at row {record['done']} "
                   f"({record['done'] - lo} rows already committed).", flush=True)
+        # an earlier run that ran out of memory went on with smaller micro-batches: so does this one
         runner = Runner(prepare_model(backbone.model, device, bool(ecfg.channels_last), bool(ecfg.compile)),
-                        device, amp, bool(ecfg.channels_last))
+                        device, amp, bool(ecfg.channels_last), record.get("micro_batch", micro_batch))
         jobs.append(_Job(backbone, store, folder, record, runner))
     if not jobs:
         return metas
@@ -322,17 +356,21 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
     first = min(job.start for job in jobs)
     dataset = PinDataset(ok["path"].tolist(), range(first, hi), [j.backbone.transform for j in jobs],
                          [j.backbone.resize_size for j in jobs], draft=bool(ecfg.draft),
-                         max_pixels=int(cfg.scan.max_pixels))
+                         max_pixels=int(cfg.scan.max_pixels), encoded=decode == "gpu")
+    gpu = GpuDecoder(dataset, [j.backbone for j in jobs], device) if decode == "gpu" else None
     loader = make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
     commit_every = max(1, int(ecfg.commit_every))
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
     names = ", ".join(j.backbone.name for j in jobs)
     t_start = time.perf_counter()
+    t_first = None  # when the first batch was done: the steady rate leaves out worker start-up
     bar = tqdm(total=hi - first, desc=f"extract {names if len(jobs) < 4 else f'{len(jobs)} backbones'}",
                unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     t_ready = time.perf_counter()
     for n, (rows, pixels, failed) in enumerate(loader, start=1):
         t_batch = time.perf_counter()
+        if gpu is not None:
+            rows, pixels, failed = gpu(rows, pixels, failed)
         size = len(rows) + len(failed)
         batch_lo = min(([int(rows.min())] if len(rows) else []) + [row for row, _ in failed])
         for k, job in enumerate(jobs):
@@ -356,14 +394,20 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
                 elapsed = job.record["elapsed_s"] + time.perf_counter() - t_start
                 job.store.commit({"lo": lo, "hi": hi, "done": job.done, "failures": job.failures,
                                   "elapsed_s": round(elapsed, 3), "batches": job.batches,
-                                  "shard": list(shard)})
+                                  "shard": list(shard), "micro_batch": job.runner.micro_batch})
         t_ready = time.perf_counter()
+        if t_first is None:
+            t_first, first_size = t_ready, size
     bar.close()
     elapsed = time.perf_counter() - t_start
     for job in jobs:
         rate = (hi - job.start) / elapsed if elapsed > 0 else float("nan")
         shard_failed = sum(1 for r in job.failures if lo <= int(r) < hi)
+        steady = (hi - first - first_size) / (t_ready - t_first) if t_first and t_ready > t_first else rate
         stats = {"images_per_s": rate, "elapsed_s": elapsed, "rows": hi - job.start, "failed": shard_failed,
+                 "images_per_s_after_first_batch": steady, "decode": decode,
+                 **({"decoded_on_gpu": gpu.counts["gpu"], "decoded_on_cpu": gpu.counts["cpu"],
+                     "jpeg_decoder": gpu.decoder} if gpu else {}),
                  "wait_s": sum(t[2] for t in job.timings), "compute_s": sum(t[3] for t in job.timings),
                  "micro_batch": job.runner.micro_batch, "workers": workers, "threads": torch.get_num_threads(),
                  "device": device.type, "amp": str(amp).replace("torch.", "") if amp else "off",

@@ -434,6 +434,8 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
                 break
     model.load_state_dict(best_state)
     _, _, outs, tgts = run_epoch(model, test_loader, loss_fn, task, device, amp, channels_last)
+    info = {**info, "device": device.type, "amp": str(amp).replace("torch.", "") if amp else "off",
+            "grad_scale": scaler.get_scale() if scaler is not None else None}
     return history, outs.numpy(), tgts.numpy(), info
 
 
@@ -558,7 +560,10 @@ def finetune(cfg: DictConfig) -> dict:
               "batch_size": int(cfg.batch_size), "lr": float(cfg.optim.lr), "augment": str(cfg.augment),
               "label_smoothing": float(cfg.optim.label_smoothing), "linear_probe_epochs": int(cfg.linear_probe_epochs),
               "split": str(cfg.split.mode), "folds": len(folds), "seed": int(cfg.seed), "data": str(cfg.data.name),
-              "n_train": int(len(folds[0][0])), "n_test": int(np.sum([len(f[2][2]) for f in folds]))}
+              "n_train": int(len(folds[0][0])), "n_test": int(np.sum([len(f[2][2]) for f in folds])),
+              "device": info.get("device"), "amp": info.get("amp"), "channels_last": str(cfg.channels_last)}
+    if info.get("grad_scale") is not None:  # fp16: the GradScaler's final loss scale
+        metrics["grad_scale"] = float(info["grad_scale"])
     summary = ", ".join(f"{k} {metrics[k]:.4f}" + (f" ± {metrics[k + '_std']:.4f}" if k + "_std" in metrics else "")
                         for k in ("test_accuracy", "test_f1_macro", "test_mse", "test_mae") if k in metrics)
     print(f"finetune {params['model']} on {cfg.data.name}: {summary} ({elapsed / 60:.1f} min); outputs in {out}")

@@ -47,6 +47,15 @@ def shard_range(n_rows: int, batch_size: int, index: int, count: int) -> tuple[i
     return min(lo_b * batch_size, n_rows), min(hi_b * batch_size, n_rows)
 
 
+#: Fingerprint keys added after the first stores were written, with the value those stores were made with: a
+#: store whose fingerprint lacks such a key matches a run with that value (so it can still be resumed).
+FINGERPRINT_DEFAULTS = {"decode": "cpu", "micro_batch": None}
+
+
+def _filled(fingerprint: dict) -> dict:
+    return {**FINGERPRINT_DEFAULTS, **fingerprint}
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -94,12 +103,12 @@ class EmbeddingStore:
             meta_path = folder / META
             if meta_path.is_file():
                 stored = json.loads(meta_path.read_text())
-                if stored.get("fingerprint") == fingerprint:
+                if "fingerprint" in stored and _filled(stored["fingerprint"]) == _filled(fingerprint):
                     return cls(folder)
                 if not overwrite:
                     raise UserError(
                         f"{folder} holds embeddings made with another config or manifest "
-                        f"({describe_mismatch(stored.get('fingerprint', {}), fingerprint)}); "
+                        f"({describe_mismatch(_filled(stored.get('fingerprint', {})), _filled(fingerprint))}); "
                         "re-run with the original settings to resume, or add extract.overwrite=true to replace them"
                     )
             for name in (META, INDEX, EMBEDDINGS):  # meta first: a half-replaced store is never taken as valid

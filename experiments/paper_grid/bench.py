@@ -145,6 +145,61 @@ def project(args) -> None:
     print(f"one decode for all / one run per backbone: {separate_s / together_s:.2f}x faster")
 
 
+def grid(args) -> None:
+    """The 13 study backbones in one `extract backbones=[...]` run on one GPU (one decode for all), random
+    weights; prints the wall time, each backbone's GPU rate (rows / its compute time in the run) and the
+    projection for --pins pins, and writes them to --csv."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from pinterest_cls.config import CONF_DIR
+    from pinterest_cls.demo import synthetic_export
+    from pinterest_cls.extract import extract
+    from pinterest_cls.scan import scan
+
+    base = Path(args.dir)
+    t0 = time.perf_counter()
+    export = synthetic_export(base / f"export{args.n}", args.n, SIZE)
+    print(f"generated {args.n} JPEGs in {time.perf_counter() - t0:.0f} s", flush=True)
+    header(args.n)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    work = base / "work_grid"
+    names = ",".join(STUDY)
+    over = [f"paths.work={work}", f"data.root={export}", "mlflow.enabled=false", "extract.overwrite=true",
+            "backbones=[" + ",".join("{kind:" + b + ",pretrained:false}" for b in STUDY) + "]",
+            f"extract.batch_size={args.batch_size}", f"extract.decode={args.decode}"]
+    if args.workers:
+        over.append(f"extract.workers={args.workers}")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("extract", overrides=over)
+    scan(cfg, progress=False)
+    shutil.rmtree(work / export.name / "embeddings", ignore_errors=True)
+    t0 = time.perf_counter()
+    metas = extract(cfg, progress=True)
+    wall = time.perf_counter() - t0
+    first = next(iter(metas.values()))["last_run"]
+    rows = []
+    for name, meta in metas.items():
+        run = meta["last_run"]
+        rows.append(dict(backbone=name, image_size=meta["preprocessing"]["input_size"],
+                         gpu_img_s=round(run["rows"] / run["compute_s"], 1), compute_s=round(run["compute_s"], 2)))
+    table = pd.DataFrame(rows).set_index("backbone")
+    gpu_s = sum(r["compute_s"] for r in rows)
+    print(f"\n{gpu}: {args.n} pins x {len(STUDY)} backbones ({names}), batch {args.batch_size}, "
+          f"decode={args.decode}, workers {first['workers']}, amp {first['amp']}")
+    print(table.to_string())
+    print(f"wall time {wall:.1f} s (models built and loaded: {wall - first['elapsed_s']:.1f} s; extraction "
+          f"{first['elapsed_s']:.1f} s = {args.n / first['elapsed_s']:.0f} pins/s for all 13; steady "
+          f"{first['images_per_s_after_first_batch']:.0f} pins/s); GPU compute {gpu_s:.1f} s; waiting for data "
+          f"{first['wait_s']:.1f} s")
+    hours = args.pins / first["images_per_s_after_first_batch"] / 3600
+    print(f"projection: {args.pins} pins x 13 backbones at the steady rate: {hours:.2f} h on one such GPU, "
+          f"{hours / 8:.2f} h on 8")
+    table.assign(gpu=gpu, pins=args.n, batch=args.batch_size, decode=args.decode, workers=first["workers"],
+                 wall_s=round(wall, 1), extraction_s=round(first["elapsed_s"], 1),
+                 steady_pins_s=round(first["images_per_s_after_first_batch"], 1)).to_csv(args.csv)
+
+
 def decode(args) -> None:
     from omegaconf import OmegaConf
 
@@ -193,8 +248,16 @@ def main() -> None:
     d = sub.add_parser("decode")
     d.add_argument("--n", type=int, default=400)
     d.add_argument("--dir", default="/tmp/paper_grid_bench")
+    g = sub.add_parser("grid")
+    g.add_argument("--n", type=int, default=10_000)
+    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--workers", type=int, default=None)
+    g.add_argument("--decode", default="gpu")
+    g.add_argument("--pins", type=int, default=500_000)
+    g.add_argument("--csv", default=str(HERE / "gpu_grid.csv"))
+    g.add_argument("--dir", default="/tmp/paper_grid_bench")
     args = ap.parse_args()
-    {"scaling": scaling, "rates": rates, "project": project, "decode": decode}[args.what](args)
+    {"scaling": scaling, "rates": rates, "project": project, "decode": decode, "grid": grid}[args.what](args)
 
 
 if __name__ == "__main__":
