@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -18,61 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, config
 from .catalog import MANIFEST, file_sha256, load_manifest, locked
+from .devices import cpu_has_native_bf16, resolve_amp, resolve_device, strict_fp32  # noqa: F401 (API)
 from .errors import UserError, user_errors_exit
 from .store import EmbeddingStore, rows_sha256, shard_range
 
 #: Test hook: kill -9 this process right after writing the Nth batch's rows, before they are committed.
 KILL_ENV = "PINTEREST_CLS_KILL_AFTER_BATCH"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"extract.device={name} but CUDA is not available here; use extract.device=auto or cpu")
-    return dev
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast measures faster
-    than fp32 (experiments/throughput); without it bf16 is emulated and slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: on CUDA bf16 where supported, else fp16; on CPU bf16 where the CPU has native bf16, else
-    none. ``off`` | ``bf16`` | ``fp16`` force it."""
-    amp = str(amp)
-    if amp not in ("auto", "off", "bf16", "fp16"):
-        raise UserError(f"extract.amp={amp!r} must be one of: auto, off, bf16, fp16")
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if device.type != "cuda":
-            return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-@contextlib.contextmanager
-def _strict_fp32(device: torch.device):
-    """fp32 on CUDA means fp32: cuDNN convolutions (and matmuls, if someone enabled it) would otherwise run in
-    TF32, a 10-bit mantissa, without saying so. ``extract.amp`` is the one switch for reduced precision."""
-    if device.type != "cuda":
-        yield
-        return
-    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
 class Runner:
@@ -91,7 +41,7 @@ class Runner:
         x = x.to(self.device, non_blocking=True)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else _strict_fp32(self.device)
+        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else strict_fp32(self.device)
         with ctx:
             return self.model(x).float()
 
@@ -101,7 +51,11 @@ class Runner:
                 step = self.micro_batch or len(x)
                 try:
                     parts = [self._forward(x[i:i + step]) for i in range(0, len(x), step)]
-                    return torch.cat(parts).cpu().numpy()
+                    out = torch.cat(parts).cpu()
+                    if self.amp == torch.float16 and not torch.isfinite(out).all():
+                        raise UserError("fp16 autocast overflowed: the model gave non-finite features; "
+                                        "use extract.amp=bf16 or extract.amp=off")
+                    return out.numpy()
                 except torch.cuda.OutOfMemoryError:
                     if step <= 1:
                         raise

@@ -45,10 +45,15 @@ def photos(tmp_path_factory):
     return write_photo_export(tmp_path_factory.mktemp("photos") / "exp", 40)
 
 
+# Smallest row cosine to strict fp32 on an H100, efficientnet_lite0's real weights, these 45 photos: fp16
+# 0.999+; bf16 0.9932 (mean 0.9989). So extract.amp=auto is fp16 on CUDA; bf16 is only checked to stay near.
+AMP_MIN_COSINE = {"fp16": 0.999, "bf16": 0.99}
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_extraction_matches_fp32(tmp_path, photos, amp):
-    """Real efficientnet_lite0 weights on real photos: AMP features within a cosine of 0.999 of fp32 (strict
-    fp32: no TF32 in the convolutions), row by row."""
+    """Real efficientnet_lite0 weights on real photos: AMP features against fp32 (strict fp32: no TF32 in the
+    convolutions), row by row: fp16 within a cosine of 0.999, bf16 within 0.99."""
     common = ["backbone=efficientnet_lite0", "store.dtype=float32", "extract.workers=2", "extract.batch_size=16"]
     ref = extract(cfg_for(tmp_path / "fp32", photos, *common, "extract.amp=off"), progress=False)
     got = extract(cfg_for(tmp_path / amp, photos, *common, f"extract.amp={amp}"), progress=False)
@@ -57,7 +62,8 @@ def test_amp_extraction_matches_fp32(tmp_path, photos, amp):
     a, b = store(tmp_path / "fp32", "efficientnet_lite0")[0], store(tmp_path / amp, "efficientnet_lite0")[0]
     assert a.shape == (45, 1280) and np.isfinite(b).all()
     cos = row_cosines(a, b)
-    assert cos.min() >= 0.999, (amp, cos.min())
+    print(f"{amp} vs fp32: row cosine min {cos.min():.5f} mean {cos.mean():.5f}")
+    assert cos.min() >= AMP_MIN_COSINE[amp], (amp, cos.min(), cos.mean())
     assert not np.array_equal(a, b)  # reduced precision really ran
 
 
@@ -120,15 +126,20 @@ def test_resume_after_kill_on_cuda_is_bitwise_identical(tmp_path, photos, decode
     assert "resuming shard 0/1 rows [0, 45) at row 16" in proc.stdout
     emb, index, meta = store(work, "efficientnet_lite0")
     assert meta["complete"] and index["embedded"].all() and meta["last_run"]["device"] == "cuda"
-    assert meta["fingerprint"]["decode"] == decode and meta["last_run"]["amp"] == "bfloat16"
+    assert meta["fingerprint"]["decode"] == decode and meta["last_run"]["amp"] == "float16"
     assert emb.tobytes() == reference.tobytes()
 
 
+# nvJPEG upsamples 4:2:0 chroma differently from libjpeg's "fancy" upsampling that Pillow uses: on an H100
+# these photos' smallest row cosine was 0.9975 (experiments/throughput/README.md).
+GPU_DECODE_MIN_COSINE = 0.995
+
+
 def test_gpu_decode_matches_cpu_decode(tmp_path, photos):
-    """extract.decode=gpu against decode=cpu on real photos with real weights: every row within a cosine of
-    0.999; the odd files (progressive, CMYK, grayscale, PNG, EXIF-rotated) decoded on the CPU path; a file
-    broken after the scan and one nvJPEG refuses fail for their own row with the CPU path's reason. Several
-    backbones from one GPU decode equal their separate GPU-decode runs bit for bit."""
+    """extract.decode=gpu against decode=cpu on real photos with real weights: rows within a mean cosine of
+    0.999 (each within 0.995); the odd files (progressive, CMYK, grayscale, PNG, EXIF-rotated) decoded on the
+    CPU path; a file broken after the scan and one nvJPEG refuses fail for their own row with the CPU path's
+    reason. Several backbones from one GPU decode equal their separate GPU-decode runs bit for bit."""
     import shutil
 
     from pinterest_cls.scan import scan
@@ -160,7 +171,8 @@ def test_gpu_decode_matches_cpu_decode(tmp_path, photos):
     ok = ib["embedded"].to_numpy()
     assert not b[~ok].any()
     cos = row_cosines(a[ok], b[ok])
-    assert cos.min() >= 0.999, cos.min()
+    print(f"GPU vs CPU decode: row cosine min {cos.min():.5f} mean {cos.mean():.5f}")
+    assert cos.min() >= GPU_DECODE_MIN_COSINE and cos.mean() >= 0.999, (cos.min(), cos.mean())
     # one GPU decode for two backbones == a GPU-decode run of each
     multi = ["extract.decode=gpu", "extract.workers=2", "extract.batch_size=16", "store.dtype=float32"]
     extract(cfg_for(tmp_path / "multi", root, *multi, "backbones=[efficientnet_lite0,pixels]", "extract.amp=off"),
