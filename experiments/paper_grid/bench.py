@@ -167,7 +167,7 @@ def grid(args) -> None:
     names = ",".join(STUDY)
     over = [f"paths.work={work}", f"data.root={export}", "mlflow.enabled=false", "extract.overwrite=true",
             "backbones=[" + ",".join("{kind:" + b + ",pretrained:false}" for b in STUDY) + "]",
-            f"extract.batch_size={args.batch_size}", f"extract.decode={args.decode}"]
+            f"extract.batch_size={args.batch_size}", f"extract.decode={args.decode}", f"extract.amp={args.amp}"]
     if args.workers:
         over.append(f"extract.workers={args.workers}")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -253,6 +253,7 @@ def main() -> None:
     g.add_argument("--batch-size", type=int, default=256)
     g.add_argument("--workers", type=int, default=None)
     g.add_argument("--decode", default="gpu")
+    g.add_argument("--amp", default="bf16", help="random weights overflow fp16 in the deepest models")
     g.add_argument("--pins", type=int, default=500_000)
     g.add_argument("--csv", default=str(HERE / "gpu_grid.csv"))
     g.add_argument("--dir", default="/tmp/paper_grid_bench")

@@ -10,9 +10,12 @@ and channels_last:
   model_only_img_s: the model alone on a pinned uint8 batch already resized, copied to the GPU per batch and
       the features copied back, as extract's Runner does (after 3 warm-up batches);
   pipeline_img_s: `extract` from the files (DataLoader workers decode, or read the bytes for nvJPEG with
-      extract.decode=gpu; rows to the memory-mapped store with commits), its steady rate after the first
-      batch (worker start-up and the first batch's latency excluded; `pipeline_img_s_total` includes them);
-  ratio: pipeline_img_s / model_only_img_s.
+      extract.decode=gpu; rows to the memory-mapped store with commits): N over its whole extraction time,
+      worker start-up and the first batch's latency included;
+  ratio: pipeline_img_s / model_only_img_s;
+  pipeline_img_s_after_first_batch: the rate after the first batch arrived. An upper bound only: while the
+      first batch is decoded the other workers decode theirs, so with few batches per worker (N <
+      several x workers x batch) it overstates the steady rate;
 `cos_vs_cpu_decode`: the smallest row cosine between the GPU-decode and the CPU-decode store (same batch).
 Every row goes to --out (CSV), one line per (backbone, batch, workers, decode).
 """
@@ -40,8 +43,8 @@ from pinterest_cls.store import open_embeddings
 
 SIZE = (736, 1100)
 COLUMNS = ["device", "torch", "backbone", "image_size", "batch", "workers", "decode", "model_only_img_s",
-           "pipeline_img_s", "ratio", "pipeline_img_s_total", "wait_s", "compute_s", "cos_vs_cpu_decode",
-           "jpeg_decoder", "cpus"]
+           "pipeline_img_s", "ratio", "pipeline_img_s_after_first_batch", "wait_s", "compute_s", "cos_vs_cpu_decode",
+           "jpeg_decoder", "cpus", "pins"]
 
 
 def make_cfg(overrides):
@@ -125,9 +128,10 @@ def main() -> None:
                                    image_size=meta["preprocessing"]["input_size"], batch=batch, workers=workers,
                                    decode=decode,
                                    model_only_img_s=round(model_rate[batch], 1),
-                                   pipeline_img_s=round(run["images_per_s_after_first_batch"], 1),
-                                   ratio=round(run["images_per_s_after_first_batch"] / model_rate[batch], 3),
-                                   pipeline_img_s_total=round(run["images_per_s"], 1), wait_s=run["wait_s"],
+                                   pipeline_img_s=round(run["images_per_s"], 1),
+                                   ratio=round(run["images_per_s"] / model_rate[batch], 3),
+                                   pipeline_img_s_after_first_batch=round(run["images_per_s_after_first_batch"], 1),
+                                   wait_s=run["wait_s"], pins=args.n,
                                    compute_s=run["compute_s"], cos_vs_cpu_decode=cos if cos == "" else round(cos, 5),
                                    jpeg_decoder=run.get("jpeg_decoder", ""), cpus=cpus)
                         writer.writerow(row)
