@@ -80,3 +80,16 @@ def data_root(cfg: DictConfig) -> Path:
             "(or leave it unset to use the embedded demo data)"
         )
     return path
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """The config ``python -m pinterest_cls.<config_name> <overrides>`` would run with (inside a running Hydra
+    app too)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name=config_name, overrides=overrides)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)

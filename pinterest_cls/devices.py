@@ -39,9 +39,9 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     tests/test_gpu.py), at the same speed; an fp16 overflow stops the run (:class:`Runner`) rather than
     storing infinities."""
     amp = str(amp)
-    if amp not in ("auto", "off", "bf16", "fp16"):
-        raise UserError(f"extract.amp={amp!r} must be one of: auto, off, bf16, fp16")
-    if amp == "off":
+    if amp not in ("auto", "off", "fp32", "bf16", "fp16"):
+        raise UserError(f"extract.amp={amp!r} must be one of: auto, off (= fp32), bf16, fp16")
+    if amp in ("off", "fp32"):
         return None
     if amp == "auto":
         if device.type != "cuda":
@@ -63,3 +63,8 @@ def strict_fp32(device: torch.device):
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    """The precision a run used, as recorded in ``meta.json``: ``bf16``, ``fp16`` or ``fp32``."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]

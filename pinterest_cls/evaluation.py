@@ -115,3 +115,39 @@ def heatmap_plot(table: pd.DataFrame, path: Path, title: str, fmt: str = "{:.3f}
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --- evaluation protocol ---------------------------------------------------------------------------------------
+
+
+def resolve_split_name(name: str, layout: str) -> str:
+    """``split=auto``: by board for the pinterest layout (boards do not straddle train and test), else
+    stratified."""
+    if name == "auto":
+        return "group" if layout == "pinterest" else "stratified"
+    return name
+
+
+def split_settings(split) -> str:
+    """The split and the parameters that define it, from a resolved ``split`` config (``name`` resolved, not
+    ``auto``): e.g. ``split=group test_size=0.2 seed=1``."""
+    name = str(split.name)
+    keys = {"kfold": ("folds", "by_board", "seed"), "predefined": ("column", "test_value")}.get(
+        name, ("test_size", "seed"))
+    return " ".join([f"split={name}"] + [f"{k}={split.get(k)}" for k in keys])
+
+
+def protocol_settings(split, max_per_category, sampling_seed, inner: str) -> str:
+    """What makes two train runs' scores comparable, the manifest's rows aside: the split and its parameters,
+    the per-category cap and its seed, and how the inner CV folds were made (``by board``, ``by pin``, or
+    ``by pin, leaky`` when the data has boards)."""
+    return f"{split_settings(split)}; cap={max_per_category} seed={sampling_seed}; inner CV {inner}"
+
+
+def protocol(settings: str, rows_sha256: str) -> str:
+    """A run's protocol: :func:`protocol_settings` plus the identity of the embedded rows."""
+    return f"{settings}; rows {rows_sha256[:10]}"
+
+
+def protocol_without_rows(value: str) -> str:
+    return value.rsplit("; rows ", 1)[0]

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import hydra
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, config
 from .catalog import MANIFEST, file_sha256, load_manifest, locked
-from .devices import cpu_has_native_bf16, resolve_amp, resolve_device, strict_fp32  # noqa: F401 (API)
+from .devices import amp_name, cpu_has_native_bf16, resolve_amp, resolve_device, strict_fp32  # noqa: F401
 from .errors import UserError, user_errors_exit
 from .store import EmbeddingStore, rows_sha256, shard_range
 
@@ -84,14 +85,20 @@ def backbone_from_meta(meta: dict, check_weights: bool = True):
 
 def embed_paths(backbone, paths: list[str], *, batch_size: int = 64, workers: int | None = None,
                 device: str = "auto", amp: str = "auto", draft: bool = True, progress: bool = False,
-                max_pixels: int | None = None) -> tuple[np.ndarray, list[str]]:
+                max_pixels: int | None = None, dtype: str | None = None) -> tuple[np.ndarray, list[str]]:
     """Features (len(paths) x D, float32; zeros where decoding failed) and a reason per path ("" = ok),
-    through the same Dataset, loader and runner as ``extract``."""
+    through the same Dataset, loader and runner as ``extract``. ``amp``: the precision a store recorded
+    (``bf16``, ``fp16``, ``fp32``); ``dtype``: the store's dtype, whose rounding the features then get, so that
+    they compare with the store's rows."""
     from tqdm.auto import tqdm
 
     from .data import PinDataset, default_workers, make_loader
     from .images import DEFAULT_MAX_PIXELS
 
+    if amp == "auto":
+        print("note: the embeddings' meta.json does not record the precision they were made with (made before it "
+              "was recorded); embedding with extract.amp=auto as resolved on this device", file=sys.stderr,
+              flush=True)
     dev = resolve_device(device)
     runner = Runner(prepare_model(backbone.model, dev, True, False), dev, resolve_amp(amp, dev), True)
     dataset = PinDataset(list(map(str, paths)), range(len(paths)), backbone.transform, backbone.resize_size,
@@ -108,6 +115,8 @@ def embed_paths(backbone, paths: list[str], *, batch_size: int = 64, workers: in
             for row, reason in failed:
                 reasons[row] = reason
             bar.update(len(rows) + len(failed))
+    if dtype is not None:
+        feats = feats.astype(dtype).astype(np.float32)
     return feats, reasons
 
 
@@ -225,7 +234,8 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, rows_id: str, manifest_id
         "pool": backbone.info.get("pool"), "dtype": dtype,
         # what predict/search need to embed new images exactly like these rows
         "backbone_config": OmegaConf.to_container(bcfg, resolve=True),
-        "extract": {"seed": int(ecfg.seed), "draft": bool(ecfg.draft), "amp": str(ecfg.amp),
+        # the precision used (never "auto"): predict and search embed new images with it
+        "extract": {"seed": int(ecfg.seed), "draft": bool(ecfg.draft), "amp": amp_name(amp),
                     "batch_size": batch_size, "max_pixels": int(cfg.scan.max_pixels), "decode": decode,
                     "micro_batch": micro_batch},
         "data_root": None if config.select(cfg, "data.root") in (None, "") else str(cfg.data.root),
@@ -273,6 +283,9 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
     if decode == "gpu" and device.type != "cuda":
         raise UserError(f"extract.decode=gpu needs a CUDA device, but extract.device={ecfg.device} resolved to "
                         f"{device}; use extract.decode=cpu")
+    max_failed = float(OmegaConf.select(cfg, "extract.max_failed_fraction", default=1.0))
+    if not 0.0 <= max_failed <= 1.0:
+        raise UserError(f"extract.max_failed_fraction={max_failed} must be between 0 and 1")
     dtype = str(cfg.store.dtype)
     if dtype not in ("float16", "float32"):
         raise UserError(f"store.dtype={dtype!r} must be float16 or float32")
@@ -295,6 +308,7 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
         if record["done"] >= hi:
             print(f"{backbone.name}: {shard_name} already done.", flush=True)
             metas[backbone.name] = store.finalize()
+            _check_failures(backbone.name, record["failures"], lo, hi, shard_name, max_failed)
             continue
         if record["done"] > lo:
             print(f"{backbone.name}: resuming {shard_name} at row {record['done']} "
@@ -371,7 +385,22 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
         tag = f"rows_{lo:010d}_{hi:010d}_from_{job.start:010d}"
         _report(cfg, job.backbone, meta, stats, job.timings, job.folder, tag, shard_name, workers, amp, device)
         metas[job.backbone.name] = meta
+    for job in jobs:  # after every store has committed and reported: nothing written is lost
+        _check_failures(job.backbone.name, job.failures, lo, hi, shard_name, max_failed)
     return metas
+
+
+def _check_failures(name: str, failures: dict, lo: int, hi: int, shard_name: str, max_failed: float) -> None:
+    """Stop when more than ``extract.max_failed_fraction`` of the shard's rows failed: a broken transform or
+    a changed export must not leave a store of zero rows that looks finished."""
+    failed = {int(r): why for r, why in failures.items() if lo <= int(r) < hi}
+    if hi > lo and len(failed) / (hi - lo) > max_failed:
+        reasons = pd.Series(list(failed.values())).value_counts()
+        common = "; ".join(f"{why!r} x{n}" for why, n in reasons.head(3).items())
+        raise UserError(f"{name}: {len(failed)} of {hi - lo} rows of {shard_name} failed "
+                        f"({len(failed) / (hi - lo):.1%} > extract.max_failed_fraction={max_failed:g}): {common}; "
+                        "the committed rows are kept: fix the cause and re-run with extract.overwrite=true, or "
+                        "accept the failures with a higher extract.max_failed_fraction")
 
 
 def _report(cfg, backbone, meta, stats, timings, folder, tag, shard_name, workers, amp, device) -> None:

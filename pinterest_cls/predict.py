@@ -51,7 +51,8 @@ class EndToEnd:
         ex = self.meta.get("extract", {})
         feats, reasons = embed_paths(self.backbone, paths, batch_size=self.batch_size, workers=self.workers,
                                      device=self.device, amp=ex.get("amp", "auto"), draft=ex.get("draft", True),
-                                     progress=progress, max_pixels=ex.get("max_pixels"))
+                                     progress=progress, max_pixels=ex.get("max_pixels"),
+                                     dtype=self.meta.get("dtype"))
         ok = np.array([not r for r in reasons], dtype=bool)
         frame = pd.DataFrame({"path": list(map(str, paths)), "prediction": None, "score": np.nan})
         classes = np.asarray(self.classifier.classes_)

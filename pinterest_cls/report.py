@@ -6,7 +6,7 @@ from __future__ import annotations
 import hydra
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import config
 from .errors import UserError, user_errors_exit
@@ -24,6 +24,43 @@ def train_runs(cfg: DictConfig) -> pd.DataFrame:
     return runs
 
 
+NO_PROTOCOL = "(not recorded: a run from before protocols were logged)"
+
+
+def default_protocol_settings(cfg: DictConfig) -> str:
+    """The protocol settings of a ``train`` run with default settings on this data (``report.protocol=default``)."""
+    from .evaluation import protocol_settings, resolve_split_name
+
+    layout = str(cfg.data.layout)
+    tcfg = config.compose("train", [f"data.layout={layout}"])
+    split = OmegaConf.merge(tcfg.split, {"name": resolve_split_name(str(tcfg.split.name), layout)})
+    return protocol_settings(split, tcfg.sampling.max_per_category, int(tcfg.sampling.seed),
+                             "by board" if layout == "pinterest" else "by pin")
+
+
+def choose_protocol(cfg: DictConfig, runs: pd.DataFrame) -> tuple[str, pd.DataFrame, pd.Series]:
+    """(protocol, its runs, counts of the runs of every other protocol). ``report.protocol=default``: the
+    default settings on the rows of the newest such run; else the protocol given (as printed or in runs.csv)."""
+    from .evaluation import protocol_without_rows
+
+    runs = runs.copy()
+    col = "params.protocol"
+    runs[col] = runs[col].fillna(NO_PROTOCOL) if col in runs.columns else NO_PROTOCOL
+    wanted = str(OmegaConf.select(cfg, "report.protocol", default="default"))
+    counts = runs[col].value_counts()
+    listing = "; ".join(f"'{p}' ({n} runs)" for p, n in counts.items())
+    if wanted == "default":
+        settings = default_protocol_settings(cfg)
+        ours = runs[runs[col].map(protocol_without_rows) == settings]
+        if ours.empty:
+            raise UserError(f"no train run used the default protocol ({settings}); the runs used: {listing}. "
+                            "Choose one with report.protocol='<protocol>'")
+        wanted = str(ours.sort_values("start_time").iloc[-1][col])
+    elif wanted not in counts.index:
+        raise UserError(f"report.protocol='{wanted}' matches no train run; the runs used: {listing}")
+    return wanted, runs[runs[col] == wanted], counts.drop(wanted)
+
+
 def best_per_cell(runs: pd.DataFrame, select_by: str) -> pd.DataFrame:
     """For each (backbone, classifier), the run with the highest ``select_by`` metric (latest on ties)."""
     col = f"metrics.{select_by}"
@@ -36,6 +73,7 @@ def best_per_cell(runs: pd.DataFrame, select_by: str) -> pd.DataFrame:
         "backbone": best["params.backbone"], "classifier": best["params.classifier"],
         "test_f1_macro": best["metrics.test_f1_macro"], "test_accuracy": best["metrics.test_accuracy"],
         select_by: best[col], "split": best.get("params.split"), "run_id": best["run_id"],
+        "protocol": best.get("params.protocol"), "inner_cv": best.get("params.inner_cv"),
     })
     return out.sort_values(["backbone", "classifier"]).reset_index(drop=True)
 
@@ -58,7 +96,8 @@ def report(cfg: DictConfig) -> dict:
     if runs.empty:
         raise UserError(f"no finished train runs in MLflow experiment {cfg.mlflow.experiment!r} at "
                         f"{cfg.mlflow.tracking_uri}; run python -m pinterest_cls.train first")
-    best = best_per_cell(runs, str(cfg.report.select_by))
+    chosen, mine, others = choose_protocol(cfg, runs)
+    best = best_per_cell(mine, str(cfg.report.select_by))
     # report/ for the dataset's own experiment, report/<experiment>/ for another (e.g. demo-paper_grid)
     experiment = str(cfg.mlflow.experiment)
     out = config.data_dir(cfg) / "report"
@@ -73,17 +112,26 @@ def report(cfg: DictConfig) -> dict:
         tables[metric] = t
         t.to_csv(out / f"{metric}.csv")
         heatmap_plot(t, out / f"{metric}.png", title=f"{cfg.data.name}: {metric} (best run per cell by "
-                                                       f"{cfg.report.select_by})")
-    md = [f"# {cfg.data.name}: backbone x classifier\n",
-          f"Best run per cell by `{cfg.report.select_by}`; {len(runs)} train runs.\n"]
+                                                       f"{cfg.report.select_by})\n{chosen}")
+    note = (f"{int(others.sum())} runs of other protocols are not shown: "
+            + "; ".join(f"'{p}' ({n})" for p, n in others.items()) + ". Choose one with report.protocol='...'."
+            if len(others) else "")
+    md = [f"# {cfg.data.name}: backbone x classifier\n\n",
+          f"Protocol: `{chosen}`.\n\n",
+          f"Best run per cell by `{cfg.report.select_by}` among the {len(mine)} train runs of this protocol.\n"]
+    if note:
+        md.append(f"\n{note}\n")
     for metric, t in tables.items():
         md += [f"\n## {metric}\n\n", to_markdown(t)]
     (out / "report.md").write_text("".join(md))
+    print(f"protocol: {chosen} ({len(mine)} runs)")
+    if note:
+        print(note)
     for metric, t in tables.items():
         print(f"\n{metric} (rows: backbone, columns: classifier; best run per cell by {cfg.report.select_by})")
         print(t.to_string(float_format=lambda v: f"{v:.4f}"))
     print(f"\nwrote {out}/report.md, runs.csv, test_f1_macro.csv|png, test_accuracy.csv|png", flush=True)
-    return {"best": best, "tables": tables, "dir": out}
+    return {"best": best, "tables": tables, "dir": out, "protocol": chosen, "other_protocols": others}
 
 
 @hydra.main(config_path=config.CONF_DIR, config_name="report", version_base="1.3")

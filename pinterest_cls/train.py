@@ -117,11 +117,12 @@ def group_split(frame: pd.DataFrame, test_size: float, seed: int) -> tuple[np.nd
 def make_splits(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray) -> Splits:
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
+    from .evaluation import resolve_split_name
+
     s = cfg.split
     name = str(s.name)
     layout = str(cfg.data.layout)
-    if name == "auto":
-        name = "group" if layout == "pinterest" else "stratified"
+    name = resolve_split_name(name, layout)
     positions = np.arange(len(frame))
     seed = int(s.seed)
     if name in ("random", "stratified"):
@@ -167,22 +168,47 @@ def make_splits(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray) -> Splits:
                     "predefined")
 
 
+def has_boards(cfg: DictConfig) -> bool:
+    """Whether pins come in boards whose mates share a style (the pinterest layout; imagefolder's "board" is
+    its class folder)."""
+    return str(cfg.data.layout) == "pinterest"
+
+
 def inner_cv(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray, grouped: bool, seed: int):
-    """(CV splitter, groups, description) for the grid search on the training side."""
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+    """(CV splitter, groups, description, leaky) for the grid search on the training side.
+
+    Where the data has boards, folds hold whole boards: stratified by category (``StratifiedGroupKFold``) when
+    every category has at least two training boards, else ``GroupKFold`` (a category with one training board is
+    then validated by models that did not see it: a lower CV score, never an inflated one), with as many folds
+    as the boards allow. A pin-level CV is used only where there are no boards, or when asked for with
+    ``split.inner=stratified`` (``leaky`` is then True)."""
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, StratifiedKFold
 
     folds = int(cfg.train.cv_folds)
-    if grouped:
+    inner = str(OmegaConf.select(cfg, "split.inner", default="auto"))
+    if inner not in ("auto", "stratified"):
+        raise UserError(f"split.inner={inner!r} must be auto (by board where the data has boards) or stratified")
+    if inner == "auto" and (grouped or has_boards(cfg)):
         boards = board_keys(frame)
-        per_class = pd.Series(boards).groupby(y).nunique().min()
-        n = min(folds, int(per_class))
+        per_class = pd.Series(boards).groupby(y).nunique()
+        n = min(folds, int(per_class.min()))
         if n >= 2:
-            return StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed), boards, f"{n}-fold by board"
+            return (StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed), boards,
+                    f"{n}-fold by board", False)
+        n = min(folds, len(np.unique(boards)))
+        if n < 2:
+            raise UserError("the training side holds a single board, so no cross-validation can keep boards apart; "
+                            "add boards, or opt in to a leaky pin-level inner CV with split.inner=stratified")
+        single = ", ".join(sorted(map(str, per_class.index[per_class < 2])))
+        return GroupKFold(n_splits=n), boards, f"{n}-fold by board, unstratified (one training board: {single})", \
+            False
     n = min(folds, int(np.bincount(np.unique(y, return_inverse=True)[1]).min()))
     if n < 2:
         raise UserError("a category has fewer than 2 training samples, too few for cross-validation; raise "
                         "sampling.max_per_category or drop the category (data.reject_categories)")
-    return StratifiedKFold(n_splits=n, shuffle=True, random_state=seed), None, f"{n}-fold stratified"
+    leaky = grouped or has_boards(cfg)
+    desc = f"{n}-fold by pin" + (" (split.inner=stratified: board-mates on both sides, leaky)" if leaky else "")
+    return StratifiedKFold(n_splits=n, shuffle=True, random_state=seed), None, desc, leaky
 
 
 # --- model ---------------------------------------------------------------------------------------------------
@@ -246,14 +272,16 @@ def fit_grid(cfg: DictConfig, X, y, frame: pd.DataFrame, grouped: bool):
     from sklearn.model_selection import GridSearchCV
 
     seed = int(cfg.seed)
-    cv, groups, cv_desc = inner_cv(cfg, frame, y, grouped, seed)
+    cv, groups, cv_desc, leaky = inner_cv(cfg, frame, y, grouped, seed)
+    if leaky:
+        print(f"warning: inner CV {cv_desc}; its scores choose the hyper-parameters and report's cells", flush=True)
     n_train_fold = int(len(y) * (1 - 1 / cv.get_n_splits()))
     pipe = build_pipeline(cfg, X.shape[1], n_train_fold)
     grid = param_grid(cfg, pipe)
     search = GridSearchCV(pipe, grid or {}, scoring=str(cfg.train.scoring), cv=cv, n_jobs=cfg.train.n_jobs,
                           refit=True, error_score="raise")
     search.fit(X, y, groups=groups)
-    return search, cv_desc
+    return search, cv_desc, leaky
 
 
 # --- one job -------------------------------------------------------------------------------------------------
@@ -277,7 +305,7 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     from sklearn.metrics import classification_report
 
     from .classifiers import class_scores
-    from .evaluation import board_accuracy, classification_metrics, confusion_plot
+    from .evaluation import board_accuracy, classification_metrics, confusion_plot, protocol, protocol_settings
 
     t0 = time.perf_counter()
     emb, index, meta, folder = open_store(cfg)
@@ -294,9 +322,9 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     print(f"train {name}: {len(frame)} pins, {len(categories)} categories, {X.shape[1]}-d, split={splits.name}",
           flush=True)
 
-    fold_metrics, predictions, search, cv_desc = [], [], None, ""
+    fold_metrics, predictions, search, cv_desc, leaky = [], [], None, "", False
     for f, (tr, te) in enumerate(splits.folds):
-        search, cv_desc = fit_grid(cfg, X[tr], y[tr], frame.iloc[tr].reset_index(drop=True), splits.grouped)
+        search, cv_desc, leaky = fit_grid(cfg, X[tr], y[tr], frame.iloc[tr].reset_index(drop=True), splits.grouped)
         model = search.best_estimator_
         pred = model.predict(X[te])
         scores = class_scores(model, X[te])
@@ -315,7 +343,7 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
         predictions.append(part)
     best_params = {k.removeprefix("clf__"): v for k, v in search.best_params_.items()}
     if len(splits.folds) > 1:  # k-fold: the logged model is refit on every sampled row
-        search, cv_desc = fit_grid(cfg, X, y, frame, splits.grouped)
+        search, cv_desc, leaky = fit_grid(cfg, X, y, frame, splits.grouped)
         best_params = {k.removeprefix("clf__"): v for k, v in search.best_params_.items()}
 
     keys = sorted(set().union(*fold_metrics))
@@ -337,10 +365,14 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     test_sizes = [len(te) for _, te in splits.folds]
+    split_cfg = OmegaConf.merge(cfg.split, {"name": splits.name})
+    inner_kind = "by board" if "by board" in cv_desc else ("by pin, leaky" if leaky else "by pin")
+    run_protocol = protocol(protocol_settings(split_cfg, cfg.sampling.max_per_category, int(cfg.sampling.seed),
+                                              inner_kind), meta.get("fingerprint", {}).get("rows_sha256", ""))
     params = {
         "backbone": str(cfg.backbone.name), "classifier": str(cfg.classifier.name), "split": splits.name,
         "split_seed": int(cfg.split.seed), "test_size": cfg.split.get("test_size"), "folds": len(splits.folds),
-        "cv": cv_desc, "scoring": str(cfg.train.scoring),
+        "inner_cv": cv_desc, "protocol": run_protocol, "scoring": str(cfg.train.scoring),
         "sampling_max_per_category": cfg.sampling.max_per_category, "sampling_seed": int(cfg.sampling.seed),
         "preprocess": "+".join(f"pca{cfg.preprocess.pca_components}" if s == "pca" else str(s)
                                for s in cfg.preprocess.steps) or "none",
@@ -352,7 +384,8 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     if splits.info.get("single_board_categories"):
         params["single_board_categories"] = ",".join(splits.info["single_board_categories"])
     shutil.copyfile(folder / META, out / "embeddings_meta.json")
-    run_id = _log_run(cfg, name, params, metrics, out, search.best_estimator_, out / "embeddings_meta.json")
+    run_id = _log_run(cfg, name, params, metrics, out, search.best_estimator_, out / "embeddings_meta.json",
+                      {"leaky_inner_cv": "true"} if leaky else {})
     elapsed = time.perf_counter() - t0
     summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("test_accuracy", "test_f1_macro",
                         "test_balanced_accuracy", "test_board_accuracy", f"cv_{cfg.train.scoring}") if k in metrics)
@@ -361,11 +394,11 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     return {"metrics": metrics, "params": params, "run_id": run_id, "output_dir": out}
 
 
-def _log_run(cfg, name, params, metrics, out: Path, model, store_meta: Path) -> str | None:
+def _log_run(cfg, name, params, metrics, out: Path, model, store_meta: Path, extra_tags: dict) -> str | None:
     from .tracking import mlflow_run
 
     tags = {"verb": "train", "backbone": params["backbone"], "classifier": params["classifier"],
-            "data": str(cfg.data.name), **sweep_tags()}
+            "data": str(cfg.data.name), **sweep_tags(), **extra_tags}
     with mlflow_run(cfg, name, tags=tags) as run:
         if run is None:
             return None

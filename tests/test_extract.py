@@ -44,7 +44,15 @@ def test_rows_align_with_manifest_and_failures_stay_in_their_row(tmp_path, expor
     broken = ok.loc[5, "path"]  # changed after the scan: now unreadable
     with open(broken, "wb") as f:
         f.write(b"this is no longer a jpeg")
-    meta = extract(cfg, progress=False)
+    # 1 of 24 rows failing is over the default extract.max_failed_fraction (1 %): an error, the rows kept
+    with pytest.raises(UserError, match=r"^test_efficientnet: 1 of 24 rows of shard 0/1 rows \[0, 24\) failed "
+                                        r"\(4.2% > extract.max_failed_fraction=0.01\): 'cannot identify image file' "
+                                        r"x1; the committed rows are kept"):
+        extract(cfg, progress=False)
+    assert store_of(work)[2]["rows_done"] == 24
+    accepting = cfg_for(work, export, "extract.amp=off", "store.dtype=float32", "extract.max_failed_fraction=0.05")
+    meta = extract(accepting, progress=False)  # accepted: the finished store is not recomputed
+    assert meta["extract"]["amp"] == "fp32"  # the precision used, not the setting
     emb, index, _ = store_of(work)
     assert emb.shape == (24, meta["dim"]) and emb.dtype == np.float32 and len(index) == len(ok)
     assert list(index["path"]) == list(ok["path"])
@@ -61,7 +69,7 @@ def test_rows_align_with_manifest_and_failures_stay_in_their_row(tmp_path, expor
         np.testing.assert_allclose(emb[row], expected, rtol=1e-4, atol=1e-4)
     # a re-run of a complete store does nothing and keeps it
     before = emb.copy()
-    assert extract(cfg, progress=False)["complete"]
+    assert extract(accepting, progress=False)["complete"]
     np.testing.assert_array_equal(store_of(work)[0], before)
 
 

@@ -121,20 +121,41 @@ def test_same_config_same_metrics(demo_work):
     assert a == b
 
 
-def test_report_table(demo_work, tmp_path):
-    train(train_cfg(demo_work, "classifier=knn", "classifier.grid.k=[1]", "classifier.grid.weights=[uniform]"))
-    result = report(make_cfg("report", [f"paths.work={demo_work}"]))
-    best = result["best"]
-    assert set(best["classifier"]) >= {"knn", "svm", "logreg"} and set(best["backbone"]) == {"test_efficientnet"}
-    runs = mlflow.search_runs(experiment_names=["demo"], filter_string="tags.verb = 'train'")
-    knn = runs[runs["params.classifier"] == "knn"]
-    top = knn.sort_values("metrics.cv_f1_macro", ascending=False).iloc[0]
-    cell = result["tables"]["test_f1_macro"].loc["test_efficientnet", "knn"]
-    assert cell == pytest.approx(top["metrics.test_f1_macro"])
+def test_report_compares_runs_of_one_protocol(demo_work, tmp_path):
+    """Each run logs how its inner folds were made and its protocol; report's cell for (backbone, knn) takes the
+    default protocol's run (split by board) even though a later run with a leaky split and a leaky inner CV
+    scored at least as high on CV, and says how many runs of other protocols it left out."""
+    exp = ["mlflow.experiment=protocols", "train.log_pipeline=false"]
+    fair = train(train_cfg(demo_work, "classifier=knn", "classifier.grid.k=[1,5]", *exp))
+    train(train_cfg(demo_work, "classifier=svm", "classifier.grid.C=[1]", *exp))
+    leaky = train(train_cfg(demo_work, "classifier=knn", "classifier.grid.k=[1,5]", "split=stratified",
+                            "split.inner=stratified", *exp))
+    assert fair["params"]["inner_cv"] == "2-fold by board" and fair["params"]["split"] == "group"
+    assert leaky["params"]["inner_cv"] == "5-fold by pin (split.inner=stratified: board-mates on both sides, leaky)"
+    assert leaky["metrics"]["cv_f1_macro"] >= fair["metrics"]["cv_f1_macro"]  # the leaky run would win the cell
+    client = mlflow.MlflowClient(f"sqlite:///{demo_work}/mlflow.db")
+    assert client.get_run(leaky["run_id"]).data.tags["leaky_inner_cv"] == "true"
+    assert "leaky_inner_cv" not in client.get_run(fair["run_id"]).data.tags
+    result = report(make_cfg("report", [f"paths.work={demo_work}", "mlflow.experiment=protocols"]))
+    assert result["protocol"] == fair["params"]["protocol"]
+    assert result["protocol"].startswith("split=group test_size=0.2 seed=1; cap=3000 seed=1; inner CV by board; rows ")
+    best = result["best"].set_index("classifier")
+    assert set(best.index) == {"knn", "svm"} and best.loc["knn", "run_id"] == fair["run_id"]
+    assert result["tables"]["test_f1_macro"].loc["test_efficientnet", "knn"] == \
+        pytest.approx(fair["metrics"]["test_f1_macro"])
+    assert dict(result["other_protocols"]) == {leaky["params"]["protocol"]: 1}
     out = result["dir"]
     for f in ("report.md", "runs.csv", "test_f1_macro.csv", "test_f1_macro.png", "test_accuracy.png"):
         assert (out / f).stat().st_size > 0
-    assert "| test_efficientnet |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| test_efficientnet |" in md and f"Protocol: `{fair['params']['protocol']}`" in md
+    assert "1 runs of other protocols are not shown" in md and "inner CV by pin, leaky" in md
+    runs_csv = pd.read_csv(out / "runs.csv")
+    assert {"backbone", "classifier", "split", "run_id", "protocol"} <= set(runs_csv.columns)
+    # the leaky protocol can be shown on its own, by name
+    alone = report(make_cfg("report", [f"paths.work={demo_work}", "mlflow.experiment=protocols",
+                                       f"report.protocol='{leaky['params']['protocol']}'"]))
+    assert list(alone["best"]["run_id"]) == [leaky["run_id"]]
 
 
 def test_errors(demo_work, tmp_path):
