@@ -90,15 +90,17 @@ def confusion_plot(y_true, y_pred, classes, path: Path, title: str = "") -> Path
     return path
 
 
-def heatmap_plot(table: pd.DataFrame, path: Path, title: str, fmt: str = "{:.3f}") -> Path:
-    """Rows x columns of numbers (NaN = missing) as an annotated heatmap."""
+def heatmap_plot(table: pd.DataFrame, path: Path, title: str, fmt: str = "{:.3f}",
+                 labels: pd.DataFrame | None = None) -> Path:
+    """Rows x columns of numbers (NaN = missing) as an annotated heatmap; ``labels`` (same shape, text)
+    replaces the numbers as annotations, e.g. with their confidence intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     values = table.to_numpy(dtype=float)
-    fig, ax = plt.subplots(figsize=(1.6 * table.shape[1] + 3, 0.5 * table.shape[0] + 2))
+    fig, ax = plt.subplots(figsize=(1.6 * table.shape[1] + 3, (0.5 if labels is None else 0.8) * table.shape[0] + 2))
     im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
     ax.set_xticks(range(table.shape[1]), labels=table.columns, rotation=30, ha="right")
     ax.set_yticks(range(table.shape[0]), labels=table.index)
@@ -107,7 +109,9 @@ def heatmap_plot(table: pd.DataFrame, path: Path, title: str, fmt: str = "{:.3f}
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             if np.isfinite(values[i, j]):
-                ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=9,
+                text = fmt.format(values[i, j]) if labels is None else \
+                    str(labels.loc[table.index[i], table.columns[j]]).replace(" [", "\n[")
+                ax.text(j, i, text, ha="center", va="center", fontsize=9,
                         color="black" if values[i, j] > mid else "white")
     fig.colorbar(im, ax=ax)
     ax.set_title(title)
@@ -151,3 +155,45 @@ def protocol(settings: str, rows_sha256: str) -> str:
 
 def protocol_without_rows(value: str) -> str:
     return value.rsplit("; rows ", 1)[0]
+
+
+# --- uncertainty -----------------------------------------------------------------------------------------------
+
+
+def _accuracy_f1(t: np.ndarray, p: np.ndarray, k: int) -> tuple[float, float]:
+    """Accuracy and macro F1 (over the ``k`` labels of the whole test set, absent ones scoring 0) of integer
+    labels, from one confusion matrix."""
+    cm = np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+    tp = np.diag(cm).astype(float)
+    support, predicted = cm.sum(1), cm.sum(0)
+    denom = support + predicted
+    f1 = np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)
+    present = support > 0
+    return tp.sum() / max(cm.sum(), 1), float(f1[present].mean()) if present.any() else 0.0
+
+
+def bootstrap_ci(truth, pred, groups=None, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """95 % percentile bootstrap intervals of accuracy and macro F1: ``{"accuracy": (low, high), "f1_macro":
+    (low, high)}``. With ``groups`` (the board of each test pin) whole groups are resampled, since board-mates
+    are not independent: resampling pins would understate the uncertainty. Macro F1 is over the labels present
+    in ``truth``, as :func:`classification_metrics` computes it."""
+    truth, pred = np.asarray(truth).astype(str), np.asarray(pred).astype(str)
+    labels = np.unique(truth)
+    t = np.searchsorted(labels, truth)
+    known = np.isin(pred, labels)
+    p = np.where(known, np.searchsorted(labels, pred), len(labels))  # a label absent from truth: its own slot
+    k = len(labels) + 1
+    units = np.asarray(groups) if groups is not None else np.arange(len(truth))
+    _, inverse = np.unique(units, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.searchsorted(inverse[order], np.arange(inverse.max() + 1))
+    ends = np.append(starts[1:], len(order))
+    members = [order[a:b] for a, b in zip(starts, ends)]
+    rng = np.random.default_rng(seed)
+    stats = np.empty((n_boot, 2))
+    for b in range(n_boot):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        stats[b] = _accuracy_f1(t[idx], p[idx], k)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(stats, [tail, 100 - tail], axis=0)
+    return {"accuracy": (float(low[0]), float(high[0])), "f1_macro": (float(low[1]), float(high[1]))}

@@ -69,13 +69,30 @@ def best_per_cell(runs: pd.DataFrame, select_by: str) -> pd.DataFrame:
                         f"(they have: {', '.join(sorted(c[8:] for c in runs.columns if c.startswith('metrics.')))})")
     runs = runs.sort_values([col, "start_time"], ascending=[False, False], na_position="last")
     best = runs.groupby(["params.backbone", "params.classifier"], sort=True).head(1)
+    def metric(name):
+        return best[f"metrics.{name}"] if f"metrics.{name}" in best.columns else np.nan
+
     out = pd.DataFrame({
         "backbone": best["params.backbone"], "classifier": best["params.classifier"],
         "test_f1_macro": best["metrics.test_f1_macro"], "test_accuracy": best["metrics.test_accuracy"],
+        **{f"{m}_ci_{side}": metric(f"{m}_ci_{side}") for m in ("test_f1_macro", "test_accuracy")
+           for side in ("low", "high")},
         select_by: best[col], "split": best.get("params.split"), "run_id": best["run_id"],
         "protocol": best.get("params.protocol"), "inner_cv": best.get("params.inner_cv"),
     })
     return out.sort_values(["backbone", "classifier"]).reset_index(drop=True)
+
+
+def with_intervals(best: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Backbone x classifier cells as text: ``0.9123 [0.8810, 0.9402]`` (the interval where the run has one)."""
+    def cell(row):
+        low, high = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
+        value = f"{row[metric]:.4f}"
+        return value + (f" [{low:.4f}, {high:.4f}]" if pd.notna(low) and pd.notna(high) else "")
+
+    text = best.assign(cell=best.apply(cell, axis=1)).pivot(index="backbone", columns="classifier", values="cell")
+    text.columns.name = None
+    return text.fillna("")
 
 
 def to_markdown(table: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
@@ -106,13 +123,16 @@ def report(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     best.to_csv(out / "runs.csv", index=False)
     tables = {}
+    cells = {}
     for metric in ("test_f1_macro", "test_accuracy"):
         t = best.pivot(index="backbone", columns="classifier", values=metric)
         t.columns.name = None
         tables[metric] = t
         t.to_csv(out / f"{metric}.csv")
-        heatmap_plot(t, out / f"{metric}.png", title=f"{cfg.data.name}: {metric} (best run per cell by "
-                                                       f"{cfg.report.select_by})\n{chosen}")
+        cells[metric] = with_intervals(best, metric)
+        heatmap_plot(t, out / f"{metric}.png", title=f"{cfg.data.name}: {metric}, 95% bootstrap interval (best "
+                                                       f"run per cell by {cfg.report.select_by})\n{chosen}",
+                     labels=cells[metric])
     note = (f"{int(others.sum())} runs of other protocols are not shown: "
             + "; ".join(f"'{p}' ({n})" for p, n in others.items()) + ". Choose one with report.protocol='...'."
             if len(others) else "")
@@ -121,8 +141,8 @@ def report(cfg: DictConfig) -> dict:
           f"Best run per cell by `{cfg.report.select_by}` among the {len(mine)} train runs of this protocol.\n"]
     if note:
         md.append(f"\n{note}\n")
-    for metric, t in tables.items():
-        md += [f"\n## {metric}\n\n", to_markdown(t)]
+    for metric, t in cells.items():
+        md += [f"\n## {metric} [95% bootstrap interval]\n\n", to_markdown(t)]
     (out / "report.md").write_text("".join(md))
     print(f"protocol: {chosen} ({len(mine)} runs)")
     if note:

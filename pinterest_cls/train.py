@@ -356,6 +356,17 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
             metrics[prefix + k + "_std"] = float(np.std(vals))
     preds = pd.concat(predictions, ignore_index=True)
     preds.to_csv(out / "predictions.csv", index=False)
+    n_boot = int(OmegaConf.select(cfg, "train.bootstrap", default=1000) or 0)
+    ci_desc = "off"
+    if n_boot:
+        from .evaluation import bootstrap_ci
+
+        by_board = splits.grouped or has_boards(cfg)
+        ci = bootstrap_ci(preds["truth"], preds["prediction"], board_keys(preds) if by_board else None,
+                          n_boot=n_boot, seed=int(cfg.seed))
+        for key, (low, high) in ci.items():
+            metrics[f"test_{key}_ci_low"], metrics[f"test_{key}_ci_high"] = low, high
+        ci_desc = f"95% percentile bootstrap, {n_boot} resamples of the test {'boards' if by_board else 'pins'}"
     report_txt = classification_report(preds["truth"], preds["prediction"], zero_division=0, digits=4)
     (out / "classification_report.txt").write_text(report_txt)
     pd.DataFrame(search.cv_results_).drop(columns=["params"]).to_csv(out / "cv_results.csv", index=False)
@@ -372,7 +383,7 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     params = {
         "backbone": str(cfg.backbone.name), "classifier": str(cfg.classifier.name), "split": splits.name,
         "split_seed": int(cfg.split.seed), "test_size": cfg.split.get("test_size"), "folds": len(splits.folds),
-        "inner_cv": cv_desc, "protocol": run_protocol, "scoring": str(cfg.train.scoring),
+        "inner_cv": cv_desc, "protocol": run_protocol, "scoring": str(cfg.train.scoring), "ci": ci_desc,
         "sampling_max_per_category": cfg.sampling.max_per_category, "sampling_seed": int(cfg.sampling.seed),
         "preprocess": "+".join(f"pca{cfg.preprocess.pca_components}" if s == "pca" else str(s)
                                for s in cfg.preprocess.steps) or "none",
@@ -387,8 +398,10 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     run_id = _log_run(cfg, name, params, metrics, out, search.best_estimator_, out / "embeddings_meta.json",
                       {"leaky_inner_cv": "true"} if leaky else {})
     elapsed = time.perf_counter() - t0
-    summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("test_accuracy", "test_f1_macro",
-                        "test_balanced_accuracy", "test_board_accuracy", f"cv_{cfg.train.scoring}") if k in metrics)
+    summary = ", ".join(f"{k} {metrics[k]:.4f}" + (f" [{metrics[k + '_ci_low']:.4f}, {metrics[k + '_ci_high']:.4f}]"
+                                                   if k + "_ci_low" in metrics else "")
+                        for k in ("test_accuracy", "test_f1_macro", "test_balanced_accuracy", "test_board_accuracy",
+                                  f"cv_{cfg.train.scoring}") if k in metrics)
     print(f"{name}: best {best_params}; {summary} ({elapsed:.1f} s)", flush=True)
     print(f"  artifacts in {out}" + (f"; MLflow run {run_id}" if run_id else ""), flush=True)
     return {"metrics": metrics, "params": params, "run_id": run_id, "output_dir": out}

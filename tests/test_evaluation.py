@@ -86,3 +86,26 @@ def test_inner_cv_by_pin_only_where_asked_or_where_there_are_no_boards():
         inner(one_board, y1)
     with pytest.raises(UserError, match=r"split.inner='pins' must be auto"):
         inner(frame, y, "split.inner=pins")
+
+
+def test_bootstrap_interval_resamples_whole_boards():
+    """Boards that are right or wrong as a whole: resampling their pins one by one would pretend 400
+    independent observations and give a far narrower interval than the 20 boards support."""
+    from pinterest_cls.evaluation import _accuracy_f1, bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    boards = np.repeat(np.arange(20), 20)
+    truth = np.where(boards % 2 == 0, "a", "b")
+    right = np.repeat(rng.random(20) < 0.7, 20)
+    pred = np.where(right, truth, np.where(truth == "a", "b", "a"))
+    by_board, by_pin = bootstrap_ci(truth, pred, groups=boards), bootstrap_ci(truth, pred)
+    acc = float(np.mean(pred == truth))
+    for ci in (by_board, by_pin):
+        assert ci["accuracy"][0] <= acc <= ci["accuracy"][1]
+    width = {name: ci["accuracy"][1] - ci["accuracy"][0] for name, ci in (("board", by_board), ("pin", by_pin))}
+    assert width["board"] > 3 * width["pin"], width
+    # the fast confusion-matrix metrics equal scikit-learn's
+    t, p = rng.integers(0, 4, 300), rng.integers(0, 4, 300)
+    a, f = _accuracy_f1(t, p, 4)
+    m = classification_metrics(t.astype(str), p.astype(str), None, np.unique(t.astype(str)))
+    assert a == pytest.approx(m["accuracy"]) and f == pytest.approx(m["f1_macro"])

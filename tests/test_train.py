@@ -131,6 +131,10 @@ def test_report_compares_runs_of_one_protocol(demo_work, tmp_path):
     leaky = train(train_cfg(demo_work, "classifier=knn", "classifier.grid.k=[1,5]", "split=stratified",
                             "split.inner=stratified", *exp))
     assert fair["params"]["inner_cv"] == "2-fold by board" and fair["params"]["split"] == "group"
+    m = fair["metrics"]
+    for key in ("test_accuracy", "test_f1_macro"):
+        assert 0 <= m[key + "_ci_low"] <= m[key] <= m[key + "_ci_high"] <= 1  # (the demo is easy: often 1.0)
+    assert fair["params"]["ci"] == "95% percentile bootstrap, 1000 resamples of the test boards"
     assert leaky["params"]["inner_cv"] == "5-fold by pin (split.inner=stratified: board-mates on both sides, leaky)"
     assert leaky["metrics"]["cv_f1_macro"] >= fair["metrics"]["cv_f1_macro"]  # the leaky run would win the cell
     client = mlflow.MlflowClient(f"sqlite:///{demo_work}/mlflow.db")
@@ -148,10 +152,12 @@ def test_report_compares_runs_of_one_protocol(demo_work, tmp_path):
     for f in ("report.md", "runs.csv", "test_f1_macro.csv", "test_f1_macro.png", "test_accuracy.png"):
         assert (out / f).stat().st_size > 0
     md = (out / "report.md").read_text()
-    assert "| test_efficientnet |" in md and f"Protocol: `{fair['params']['protocol']}`" in md
+    assert f"Protocol: `{fair['params']['protocol']}`" in md
     assert "1 runs of other protocols are not shown" in md and "inner CV by pin, leaky" in md
+    knn_f1 = (f"{m['test_f1_macro']:.4f} [{m['test_f1_macro_ci_low']:.4f}, {m['test_f1_macro_ci_high']:.4f}]")
+    assert f"| test_efficientnet | {knn_f1} |" in md  # the cell with its interval (knn is the first column)
     runs_csv = pd.read_csv(out / "runs.csv")
-    assert {"backbone", "classifier", "split", "run_id", "protocol"} <= set(runs_csv.columns)
+    assert {"backbone", "classifier", "split", "run_id", "protocol", "test_f1_macro_ci_low"} <= set(runs_csv.columns)
     # the leaky protocol can be shown on its own, by name
     alone = report(make_cfg("report", [f"paths.work={demo_work}", "mlflow.experiment=protocols",
                                        f"report.protocol='{leaky['params']['protocol']}'"]))
