@@ -91,20 +91,28 @@ def confusion_plot(y_true, y_pred, classes, path: Path, title: str = "") -> Path
 
 
 def heatmap_plot(table: pd.DataFrame, path: Path, title: str, fmt: str = "{:.3f}",
-                 labels: pd.DataFrame | None = None) -> Path:
+                 labels: pd.DataFrame | None = None, xlabel: str = "", ylabel: str = "") -> Path:
     """Rows x columns of numbers (NaN = missing) as an annotated heatmap; ``labels`` (same shape, text)
-    replaces the numbers as annotations, e.g. with their confidence intervals."""
+    replaces the numbers as annotations, e.g. with their confidence intervals. Scores in [0, 1] get a colour
+    scale that ends at 1."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     values = table.to_numpy(dtype=float)
-    fig, ax = plt.subplots(figsize=(1.6 * table.shape[1] + 3, (0.5 if labels is None else 0.8) * table.shape[0] + 2))
-    im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+    width = 1.6 * table.shape[1] + 3
+    fig, ax = plt.subplots(figsize=(width, (0.5 if labels is None else 0.8) * table.shape[0] + 2.5))
+    finite = values[np.isfinite(values)]
+    scores = finite.size and finite.min() >= 0 and finite.max() <= 1
+    vmin, vmax = (max(0.0, float(finite.min()) - 0.05), 1.0) if scores else (None, None)
+    im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(table.shape[1]), labels=table.columns, rotation=30, ha="right")
     ax.set_yticks(range(table.shape[0]), labels=table.index)
-    finite = values[np.isfinite(values)]
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     mid = (finite.min() + finite.max()) / 2 if finite.size else 0
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
@@ -114,7 +122,7 @@ def heatmap_plot(table: pd.DataFrame, path: Path, title: str, fmt: str = "{:.3f}
                 ax.text(j, i, text, ha="center", va="center", fontsize=9,
                         color="black" if values[i, j] > mid else "white")
     fig.colorbar(im, ax=ax)
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.fill(line, width=int(width * 9)) for line in title.splitlines()), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -132,7 +132,7 @@ def report(cfg: DictConfig) -> dict:
         cells[metric] = with_intervals(best, metric)
         heatmap_plot(t, out / f"{metric}.png", title=f"{cfg.data.name}: {metric}, 95% bootstrap interval (best "
                                                        f"run per cell by {cfg.report.select_by})\n{chosen}",
-                     labels=cells[metric])
+                     labels=cells[metric], xlabel="classifier", ylabel="backbone")
     note = (f"{int(others.sum())} runs of other protocols are not shown: "
             + "; ".join(f"'{p}' ({n})" for p, n in others.items()) + ". Choose one with report.protocol='...'."
             if len(others) else "")
