@@ -113,6 +113,33 @@ def test_sampling_cap_and_preprocessing(demo_work):
     assert r["params"]["n_samples"] == 80 and r["params"]["preprocess"] == "standardize+pca10"
 
 
+def test_preprocessing_is_fitted_inside_each_cv_fold(demo_work):
+    """The grid search's fold scores equal, to rounding, a scaler + PCA + classifier fitted on each fold's
+    training boards alone (scored by log-loss, which any leak of the held-out fold's statistics would move)."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from pinterest_cls.train import fit_grid, inner_cv, load_xy, open_store
+
+    cfg = train_cfg(demo_work, "classifier=logreg", "classifier.grid.C=[0.01,1]", "train.scoring=neg_log_loss",
+                    "preprocess.steps=[standardize,pca]", "preprocess.pca_components=8")
+    emb, index, _, _ = open_store(cfg)
+    frame = sample_rows(index, None, 1)
+    X, y = load_xy(emb, frame), frame["category"].to_numpy()
+    search, desc, _ = fit_grid(cfg, X, y, frame, True)
+    cv, groups, _, _ = inner_cv(cfg, frame, y, True, int(cfg.seed))
+    assert desc == "3-fold by board"
+    for cand, params in enumerate(search.cv_results_["params"]):
+        for i, (tr, va) in enumerate(cv.split(X, y, groups=groups)):
+            own = make_pipeline(StandardScaler(), PCA(8, random_state=int(cfg.seed)),
+                                LogisticRegression(C=params["clf__C"], max_iter=2000)).fit(X[tr], y[tr])
+            expected = -log_loss(y[va], own.predict_proba(X[va]), labels=own.classes_)
+            assert search.cv_results_[f"split{i}_test_score"][cand] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+
+
 def test_same_config_same_metrics(demo_work):
     args = ["classifier=mlp", "classifier.grid.batch_size=[32,64]", "classifier.estimator.max_epochs=30",
             "mlflow.enabled=false"]
