@@ -82,8 +82,12 @@ def serving(args: list[str], port: int, path: str, cwd: Path, env: dict | None =
     starts `uvicorn` from PATH) until http://127.0.0.1:port<path> answers 200; stop it afterwards."""
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
                **(env or {}))
-    server = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
+    # the server's output goes to a file: a pipe nobody reads fills up (64 kB of access log) and blocks the
+    # server in the middle of a request
+    log_path = Path(cwd) / f"server-{port}.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + timeout
         while True:
@@ -93,7 +97,7 @@ def serving(args: list[str], port: int, path: str, cwd: Path, env: dict | None =
                         break
             except OSError:
                 if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(server.stdout.read().decode()[-3000:]) from None
+                    raise AssertionError(log_path.read_text(errors="replace")[-3000:]) from None
                 time.sleep(1)
         yield server
     finally:
