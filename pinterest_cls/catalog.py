@@ -34,7 +34,7 @@ SCAN_REPORT = "scan_report.json"
 
 COLUMNS = [
     "user", "board", "pin", "category", "path", "status", "reason",
-    "width", "height", "bytes", "format", "mtime_ns",
+    "width", "height", "bytes", "format", "mtime_ns", "digest",
 ]
 
 
@@ -234,9 +234,11 @@ def walk_export(root: Path, layout: str, reject: list[str], data_cfg) -> Walk:
 
 
 def _verify_one(args) -> tuple:
+    """(status, reason, width, height, format, digest): ``digest`` is the sha256 of an ok file's bytes, which
+    identifies exact copies (a repin of the same file on another board)."""
     path, full, allow_truncated, max_pixels = args
     v = verify_image(path, full=full, allow_truncated=allow_truncated, max_pixels=max_pixels)
-    return v.status, v.reason, v.width, v.height, v.format
+    return v.status, v.reason, v.width, v.height, v.format, file_sha256(path) if v.status == "ok" else None
 
 
 @dataclass
@@ -261,16 +263,18 @@ def previous_verdicts(out_dir: Path, settings: ScanSettings) -> dict[str, tuple]
         return {}
     if {k: old_settings.get(k) for k in settings.verdict_key()} != settings.verdict_key():
         return {}
+    if "digest" not in old.columns:  # a manifest from before digests were recorded: verify again
+        return {}
     old = old[old["status"].isin(["ok", "corrupt"]) & old["bytes"].notna()]
     return {
-        r.path: (int(r.bytes), int(r.mtime_ns), r.status, r.reason, r.width, r.height, r.format)
+        r.path: (int(r.bytes), int(r.mtime_ns), r.status, r.reason, r.width, r.height, r.format, r.digest)
         for r in old.itertuples(index=False)
     }
 
 
 def verify_candidates(candidates: list[Candidate], settings: ScanSettings, previous: dict,
                       progress: bool = True) -> tuple[list[tuple], int]:
-    """Verdict tuples (status, reason, width, height, format) aligned with ``candidates``; and how many
+    """Verdict tuples (status, reason, width, height, format, digest) aligned with ``candidates``; and how many
     were reused from ``previous`` (same path, size and mtime) without a decode."""
     from tqdm.auto import tqdm
 
@@ -279,7 +283,7 @@ def verify_candidates(candidates: list[Candidate], settings: ScanSettings, previ
     reused = 0
     for i, c in enumerate(candidates):
         if c.status is not None:
-            results[i] = (c.status, c.reason, None, None, None)
+            results[i] = (c.status, c.reason, None, None, None, None)
             continue
         old = previous.get(c.path)
         if old is not None and old[0] == c.bytes and old[1] == c.mtime_ns:
@@ -308,13 +312,14 @@ def verify_candidates(candidates: list[Candidate], settings: ScanSettings, previ
 
 def build_manifest(candidates: list[Candidate], verdicts: list[tuple]) -> pd.DataFrame:
     rows = []
-    for c, (status, reason, width, height, fmt) in zip(candidates, verdicts):
+    for c, (status, reason, width, height, fmt, digest) in zip(candidates, verdicts):
         rows.append((c.user, c.board, c.pin, c.category, c.path, status, reason or "",
-                     width, height, c.bytes, fmt, c.mtime_ns))
+                     width, height, c.bytes, fmt, c.mtime_ns, digest))
     df = pd.DataFrame(rows, columns=COLUMNS)
     for col in ("width", "height", "bytes", "mtime_ns"):
         df[col] = df[col].astype("Int64")
     df["format"] = df["format"].astype("string")
+    df["digest"] = df["digest"].astype("string")
     return df
 
 

@@ -34,8 +34,10 @@ def default_protocol_settings(cfg: DictConfig) -> str:
     layout = str(cfg.data.layout)
     tcfg = config.compose("train", [f"data.layout={layout}"])
     split = OmegaConf.merge(tcfg.split, {"name": resolve_split_name(str(tcfg.split.name), layout)})
+    mode, threshold = str(tcfg.repins.mode), tcfg.repins.threshold
+    repins = mode if mode == "off" else f"{mode}, exact" + ("" if threshold is None else f" + near >= {threshold:g}")
     return protocol_settings(split, tcfg.sampling.max_per_category, int(tcfg.sampling.seed),
-                             "by board" if layout == "pinterest" else "by pin")
+                             "by board" if layout == "pinterest" else "by pin", repins)
 
 
 def choose_protocol(cfg: DictConfig, runs: pd.DataFrame) -> tuple[str, pd.DataFrame, pd.Series]:

@@ -88,7 +88,91 @@ class Splits:
 
 
 def board_keys(frame: pd.DataFrame) -> np.ndarray:
+    """The unit a board-wise split keeps on one side: the board, or its linked group of boards (boards that
+    share copies of a pin, when ``repins.mode=link``: column ``linked``)."""
+    if "linked" in frame.columns:
+        return frame["linked"].astype(str).to_numpy()
     return (frame["user"].astype(str) + "/" + frame["board"].astype(str)).to_numpy()
+
+
+def repins_setting(cfg: DictConfig) -> str:
+    mode, threshold = str(cfg.repins.mode), cfg.repins.threshold
+    return mode if mode == "off" else f"{mode}, exact" + ("" if threshold is None else f" + near >= {threshold:g}")
+
+
+def find_repins(cfg: DictConfig, frame: pd.DataFrame, X: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Duplicate group of each sampled pin (-1: no copy among them), from the scan's content digests (exact
+    copies) and the embeddings (near copies: cosine >= ``repins.threshold``), and counts for the run."""
+    from .catalog import MANIFEST, load_manifest
+    from .duplicates import duplicate_groups
+
+    digests = np.full(len(frame), None, dtype=object)
+    manifest_path = config.data_dir(cfg) / MANIFEST
+    if manifest_path.is_file():
+        manifest = load_manifest(config.data_dir(cfg))
+        if "digest" in manifest.columns:
+            digests = frame["path"].map(manifest.set_index("path")["digest"]).to_numpy(dtype=object)
+    if pd.isna(digests).all():
+        print(f"note: {manifest_path} has no content digests (scanned before they were recorded): exact copies "
+              "are found only as near copies; re-run scan to record them", flush=True)
+    threshold = None if cfg.repins.threshold is None else float(cfg.repins.threshold)
+    found = duplicate_groups(digests, X if threshold is not None else None, threshold, k=int(cfg.repins.k))
+    groups = found["group"].to_numpy()
+    info = {"repins_threshold": threshold, "duplicate_groups": int(len(np.unique(groups[groups >= 0]))),
+            "pins_with_copies": int((groups >= 0).sum()), "exact_copies": int((found["kind"] == "exact").sum())}
+    return groups, info
+
+
+def leaked(train: np.ndarray, test: np.ndarray, groups: np.ndarray) -> int:
+    """Test pins with a copy (same duplicate group) on the training side."""
+    trained = np.unique(groups[train][groups[train] >= 0])
+    return int(np.isin(groups[test], trained).sum())
+
+
+def apply_repins(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray, groups: np.ndarray) -> tuple[Splits, dict]:
+    """The split with no copy of a test pin on the training side: ``repins.mode=drop`` keeps the board split and
+    drops the training-side copies; ``link`` splits linked groups of boards (boards sharing copies) whole."""
+    from .duplicates import drop_train_copies, link_boards
+
+    mode = str(cfg.repins.mode)
+    plain = make_splits(cfg, frame, y)
+    before = sum(leaked(tr, te, groups) for tr, te in plain.folds)
+    info = {"repins_mode": mode, "test_pins_with_train_copy_before": before}
+    if mode == "link":
+        if not plain.grouped:
+            raise UserError(f"repins.mode=link keeps linked boards on one side, which needs a board-wise split; "
+                            f"split={plain.name} splits pins: use repins.mode=drop")
+        boards = board_keys(frame)
+        linked = link_boards(boards, groups)
+        frame["linked"] = [f"linked{g}" for g in linked]
+        splits = make_splits(cfg, frame, y)
+        info["boards_linked"] = int(len(np.unique(boards)) - len(np.unique(linked)))
+        info["pins_dropped"] = 0
+        return splits, info
+    folds, dropped = [], 0
+    for tr, te in plain.folds:
+        kept, gone = drop_train_copies(tr, te, groups)
+        folds.append((kept, te))
+        dropped += len(gone)
+    info["pins_dropped"] = dropped
+    return Splits(plain.name, folds, plain.grouped, plain.info), info
+
+
+def split_table(frame: pd.DataFrame, splits: Splits, groups: np.ndarray | None) -> pd.DataFrame:
+    """``split.csv``: for each fold, every sampled pin's side (train, test or dropped) and why."""
+    parts = []
+    for f, (tr, te) in enumerate(splits.folds):
+        side = np.full(len(frame), "dropped", dtype=object)
+        side[tr], side[te] = "train", "test"
+        reason = np.full(len(frame), "", dtype=object)
+        if groups is not None:
+            tested = set(groups[te][groups[te] >= 0])
+            reason[(side == "dropped") & np.isin(groups, list(tested))] = "a copy is on the test side"
+        part = frame[["user", "board", "pin"]].copy()
+        part.insert(0, "fold", f)
+        part["side"], part["reason"] = side, reason
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
 
 
 def group_split(frame: pd.DataFrame, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -316,15 +400,34 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
                         "a classifier needs at least two: check data.reject_categories and the scan report")
     X = load_xy(emb, frame)
     y = frame["category"].to_numpy().astype(str)
-    splits = make_splits(cfg, frame, y)
+    groups, repin_info = None, {"repins_mode": "off"}
+    if str(cfg.repins.mode) != "off":
+        if str(cfg.repins.mode) not in ("drop", "link"):
+            raise UserError(f"repins.mode={cfg.repins.mode!r} must be drop, link or off")
+        groups, repin_info = find_repins(cfg, frame, X)
+        splits, more = apply_repins(cfg, frame, y, groups)
+        repin_info.update(more)
+        print(f"repins: {repin_info['pins_with_copies']} pins in {repin_info['duplicate_groups']} duplicate groups; "
+              f"{repin_info['test_pins_with_train_copy_before']} test pins had a copy in training; "
+              + (f"{repin_info['boards_linked']} boards linked" if repin_info["repins_mode"] == "link"
+                 else f"{repin_info['pins_dropped']} training pins dropped"), flush=True)
+    else:
+        splits = make_splits(cfg, frame, y)
     out = config.job_output_dir()
+    split_table(frame, splits, groups).to_csv(out / "split.csv", index=False)
     name = f"{cfg.backbone.name}-{cfg.classifier.name}"
     print(f"train {name}: {len(frame)} pins, {len(categories)} categories, {X.shape[1]}-d, split={splits.name}",
           flush=True)
 
     fold_metrics, predictions, search, cv_desc, leaky = [], [], None, "", False
     for f, (tr, te) in enumerate(splits.folds):
-        search, cv_desc, leaky = fit_grid(cfg, X[tr], y[tr], frame.iloc[tr].reset_index(drop=True), splits.grouped)
+        inner = frame.iloc[tr].reset_index(drop=True)
+        if groups is not None and splits.grouped and "linked" not in inner.columns:
+            # the inner folds keep copies on one side too: boards sharing copies form one group
+            from .duplicates import link_boards
+
+            inner["linked"] = link_boards(board_keys(inner), groups[tr])
+        search, cv_desc, leaky = fit_grid(cfg, X[tr], y[tr], inner, splits.grouped)
         model = search.best_estimator_
         pred = model.predict(X[te])
         scores = class_scores(model, X[te])
@@ -343,7 +446,12 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
         predictions.append(part)
     best_params = {k.removeprefix("clf__"): v for k, v in search.best_params_.items()}
     if len(splits.folds) > 1:  # k-fold: the logged model is refit on every sampled row
-        search, cv_desc, leaky = fit_grid(cfg, X, y, frame, splits.grouped)
+        everything = frame
+        if groups is not None and splits.grouped and "linked" not in frame.columns:
+            from .duplicates import link_boards
+
+            everything = frame.assign(linked=link_boards(board_keys(frame), groups))
+        search, cv_desc, leaky = fit_grid(cfg, X, y, everything, splits.grouped)
         best_params = {k.removeprefix("clf__"): v for k, v in search.best_params_.items()}
 
     keys = sorted(set().union(*fold_metrics))
@@ -379,7 +487,8 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     split_cfg = OmegaConf.merge(cfg.split, {"name": splits.name})
     inner_kind = "by board" if "by board" in cv_desc else ("by pin, leaky" if leaky else "by pin")
     run_protocol = protocol(protocol_settings(split_cfg, cfg.sampling.max_per_category, int(cfg.sampling.seed),
-                                              inner_kind), meta.get("fingerprint", {}).get("rows_sha256", ""))
+                                              inner_kind, repins_setting(cfg)),
+                            meta.get("fingerprint", {}).get("rows_sha256", ""))
     params = {
         "backbone": str(cfg.backbone.name), "classifier": str(cfg.classifier.name), "split": splits.name,
         "split_seed": int(cfg.split.seed), "test_size": cfg.split.get("test_size"), "folds": len(splits.folds),
@@ -390,6 +499,7 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
         "n_samples": len(frame), "n_test": int(np.sum(test_sizes)), "n_classes": len(categories),
         "embeddings": str(folder), "embeddings_meta_sha256": file_sha256(folder / META),
         "timm_id": meta.get("timm_id"), "seed": int(cfg.seed),
+        **repin_info,
         **{k: v for k, v in best_params.items()},
     }
     if splits.info.get("single_board_categories"):
@@ -419,7 +529,7 @@ def _log_run(cfg, name, params, metrics, out: Path, model, store_meta: Path, ext
 
         mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
         mlflow.log_metrics(metrics)
-        for f in ("predictions.csv", "classification_report.txt", "cv_results.csv", "metrics.json"):
+        for f in ("predictions.csv", "classification_report.txt", "cv_results.csv", "metrics.json", "split.csv"):
             mlflow.log_artifact(str(out / f))
         mlflow.log_artifact(str(out / "confusion_matrix.png"), "plots")
         mlflow.log_artifact(str(store_meta))  # what predict needs to rebuild the backbone

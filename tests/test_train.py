@@ -169,7 +169,8 @@ def test_report_compares_runs_of_one_protocol(demo_work, tmp_path):
     assert "leaky_inner_cv" not in client.get_run(fair["run_id"]).data.tags
     result = report(make_cfg("report", [f"paths.work={demo_work}", "mlflow.experiment=protocols"]))
     assert result["protocol"] == fair["params"]["protocol"]
-    assert result["protocol"].startswith("split=group test_size=0.2 seed=1; cap=3000 seed=1; inner CV by board; rows ")
+    assert result["protocol"].startswith("split=group test_size=0.2 seed=1; cap=3000 seed=1; inner CV by board; "
+                                         "repins drop, exact; rows ")
     best = result["best"].set_index("classifier")
     assert set(best.index) == {"knn", "svm"} and best.loc["knn", "run_id"] == fair["run_id"]
     assert result["tables"]["test_f1_macro"].loc["test_efficientnet", "knn"] == \

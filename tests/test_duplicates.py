@@ -1,0 +1,123 @@
+"""Repins: exact copies by digest, near copies by embedding similarity, and splits that keep every copy of a
+test pin off the training side (drop or link), on real files and real scans."""
+
+import io
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pinterest_cls.duplicates import (
+    components,
+    drop_train_copies,
+    duplicate_groups,
+    exact_pairs,
+    link_boards,
+    near_pairs,
+)
+from pinterest_cls.extract import extract
+from pinterest_cls.train import train
+
+from .conftest import make_cfg, make_pinterest_export
+
+
+def test_near_pairs_find_copies_without_an_all_pairs_matrix():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(500, 32)).astype(np.float32)
+    emb[10] = emb[3] * 2.0 + rng.normal(scale=0.01, size=32)  # a scaled, slightly changed copy
+    emb[400] = emb[250]
+    pairs = near_pairs(emb, threshold=0.99, k=5, block=64)  # several blocks
+    assert set(zip(pairs["a"], pairs["b"])) == {(3, 10), (250, 400)}
+    assert (pairs["similarity"] >= 0.99).all()
+
+
+def test_groups_links_and_drops():
+    digests = ["x", "y", "x", None, "z", "y", None]
+    assert set(zip(exact_pairs(digests)["a"], exact_pairs(digests)["b"])) == {(0, 2), (1, 5)}
+    found = duplicate_groups(digests, None, None)
+    g = found["group"].to_numpy()
+    assert g[0] == g[2] != g[1] == g[5] and (g[[3, 4, 6]] == -1).all()
+    assert list(found["kind"]) == ["exact", "exact", "exact", "", "", "exact", ""]
+    assert list(components(4, pd.DataFrame({"a": [0], "b": [3]}))) == [0, 1, 2, 0]
+    # boards A and C share a copy, B stands alone: A and C are one linked group
+    boards = np.array(["A", "A", "B", "B", "C", "C"])
+    groups = np.array([7, -1, -1, -1, 7, -1])
+    linked = link_boards(boards, groups)
+    assert linked[0] == linked[1] == linked[4] == linked[5] != linked[2] == linked[3]
+    kept, dropped = drop_train_copies(np.array([0, 1, 2, 3]), np.array([4, 5]), groups)
+    assert list(kept) == [1, 2, 3] and list(dropped) == [0]
+
+
+@pytest.fixture(scope="module")
+def repinned(tmp_path_factory):
+    """4 categories x 3 boards x 6 pins; a cats pin and a dogs pin repinned as exact copies onto the two other
+    boards of their category, a fish pin as re-encoded, resized copies: whichever board a split tests, a copy
+    sits on the other side."""
+    root = tmp_path_factory.mktemp("repins") / "exp"
+    boards = {(f"u{c}", f"{name}{b}"): name for c, name in enumerate(["cats", "dogs", "fish", "birds"])
+              for b in range(3)}
+    make_pinterest_export(root, boards, pins_per_board=6, size=(96, 72))
+    for user, name, pin in [("u0", "cats", "p0"), ("u1", "dogs", "p1")]:
+        for b in (1, 2):
+            board = root / user / "per_board"
+            shutil.copytree(board / f"{name}0" / pin, board / f"{name}{b}" / "copy")
+    original = root / "u2/per_board/fish0/p2/pin_closeup_image.jpg"
+    for b, size in ((1, (90, 68)), (2, (100, 75))):
+        buf = io.BytesIO()
+        Image.open(original).convert("RGB").resize(size).save(buf, "JPEG", quality=70)
+        assert buf.getvalue() != original.read_bytes()
+        (root / f"u2/per_board/fish{b}/near").mkdir()
+        (root / f"u2/per_board/fish{b}/near/pin_closeup_image.jpg").write_bytes(buf.getvalue())
+    return root
+
+
+PIX = ["backbone=pixels", "backbone.image_size=24", "backbone.grayscale=true"]
+
+
+def run(tmp_path, root, *extra):
+    work = tmp_path / "work"
+    common = [f"paths.work={work}", f"data.root={root}", *PIX]
+    if not (work / "exp" / "embeddings" / "pixels").exists():
+        extract(make_cfg("extract", [*common, "extract.workers=0", "mlflow.enabled=false"]), progress=False)
+    return train(make_cfg("train", [*common, "classifier=logreg", "classifier.grid.C=[1]", "train.n_jobs=1",
+                                    "mlflow.enabled=false", "train.bootstrap=0", *extra]))
+
+
+@pytest.mark.parametrize("split", ["split=group", "split=kfold"])
+def test_no_test_pin_keeps_a_copy_on_the_training_side(tmp_path, repinned, split):
+    folds = ["split.folds=3"] if split == "split=kfold" else []
+    off = run(tmp_path, repinned, split, *folds, "repins.mode=off")
+    drop = run(tmp_path, repinned, split, *folds, "repins.mode=drop", "repins.threshold=0.98")
+    link = run(tmp_path, repinned, split, *folds, "repins.mode=link", "repins.threshold=0.98")
+    pairs = [(f"{name}0", pin, f"{name}{b}", copy) for name, pin, copy in
+             [("cats", "p0", "copy"), ("dogs", "p1", "copy"), ("fish", "p2", "near")] for b in (1, 2)]
+
+    def straddling(result):
+        table = pd.read_csv(result["output_dir"] / "split.csv")
+        side = {(r.fold, r.board, r.pin): r.side for r in table.itertuples()}
+        return [(f, p) for f in table["fold"].unique() for p in pairs
+                if {side[(f, p[0], p[1])], side[(f, p[2], p[3])]} == {"train", "test"}]
+
+    assert straddling(off), "the fixture must put a copy on both sides without the fix"
+    assert off["params"]["repins_mode"] == "off"
+    assert straddling(drop) == [] and straddling(link) == []
+    p = drop["params"]
+    assert p["duplicate_groups"] == 3 and p["pins_with_copies"] == 9 and p["exact_copies"] == 6
+    # each category's test board holds one pin of the group, its 2 copies were on training boards
+    assert p["test_pins_with_train_copy_before"] >= 1 and p["pins_dropped"] >= p["test_pins_with_train_copy_before"]
+    if split == "split=group":
+        assert (p["test_pins_with_train_copy_before"], p["pins_dropped"]) == (3, 6)
+    table = pd.read_csv(drop["output_dir"] / "split.csv")
+    dropped = table[table["side"] == "dropped"]
+    assert len(dropped) == p["pins_dropped"] and (dropped["reason"] == "a copy is on the test side").all()
+    assert link["params"]["boards_linked"] >= 1 and link["params"]["pins_dropped"] == 0
+    assert "repins link, exact + near >= 0.98" in link["params"]["protocol"]
+
+
+def test_link_needs_a_board_split(tmp_path, repinned):
+    from pinterest_cls.errors import UserError
+
+    with pytest.raises(UserError, match="repins.mode=link keeps linked boards on one side.*use repins.mode=drop"):
+        run(tmp_path, repinned, "split=stratified", "repins.mode=link")
