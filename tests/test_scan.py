@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import time
@@ -136,9 +137,11 @@ def test_incremental_rescan(tmp_path, work):
     first = run_scan(work, f"data.root={root}")
     assert (first["decoded"], first["reused"]) == (6, 0)
     before = load_manifest(work / "exp")
+    for r in before.itertuples():  # the content digest of exact copies: the file's sha256
+        assert r.digest == hashlib.sha256(open(r.path, "rb").read()).hexdigest()
     again = run_scan(work, f"data.root={root}")
     assert (again["decoded"], again["reused"]) == (0, 6)
-    pd.testing.assert_frame_equal(before, load_manifest(work / "exp"))
+    pd.testing.assert_frame_equal(before, load_manifest(work / "exp"))  # digests kept with reused verdicts
     # a changed file is decoded again and its new verdict recorded
     changed = root / "u" / "per_board" / "b1" / "p1" / "pin_closeup_image.jpg"
     changed.write_bytes(b"garbage")
@@ -146,6 +149,12 @@ def test_incremental_rescan(tmp_path, work):
     third = run_scan(work, f"data.root={root}")
     assert (third["decoded"], third["reused"]) == (1, 5)
     assert by_pin(load_manifest(work / "exp"))[("u", "b1", "p1")].status == "corrupt"
+    assert pd.isna(by_pin(load_manifest(work / "exp"))[("u", "b1", "p1")].digest)
+    # a manifest written before digests were recorded is verified again, not reused without them
+    old = load_manifest(work / "exp").drop(columns=["digest"])
+    old.to_parquet(work / "exp" / "manifest.parquet", index=False)
+    assert run_scan(work, f"data.root={root}")["reused"] == 0
+    assert load_manifest(work / "exp")["digest"].notna().sum() == 5
     # other verification settings invalidate stored verdicts
     fourth = run_scan(work, f"data.root={root}", "scan.allow_truncated=true")
     assert (fourth["decoded"], fourth["reused"]) == (6, 0)
