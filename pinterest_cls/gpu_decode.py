@@ -23,6 +23,9 @@ from .images import ImageDecodeError, _decode_error, _open_checked, _pillow_limi
 #: EXIF orientation tag; values other than 1 need a rotation that nvJPEG does not apply.
 _ORIENTATION = 0x0112
 
+#: The backbones' interpolations (backbones.make_transform) that the GPU resize reproduces, as torch modes.
+_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest-exact"}
+
 
 @dataclass(frozen=True)
 class Resize:
@@ -49,7 +52,7 @@ class Resize:
         th, tw = self.output_shape(h, w)
         x = images.float()
         if (th, tw) != (h, w):
-            mode = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest-exact"}.get(self.interpolation)
+            mode = _MODES.get(self.interpolation)
             if mode is None:
                 raise UserError(f"interpolation {self.interpolation!r} has no GPU resize; use extract.decode=cpu")
             kw = {} if mode == "nearest-exact" else {"align_corners": False, "antialias": True}
@@ -143,6 +146,10 @@ class GpuDecoder:
     def __init__(self, dataset, backbones, device: torch.device):
         self.dataset, self.device = dataset, device
         self.resizes = [resize_of(b) for b in backbones]
+        for b, r in zip(backbones, self.resizes):  # before any work, not in the middle of a run
+            if r.interpolation not in _MODES:
+                raise UserError(f"backbone {b.name} resizes with {r.interpolation!r} interpolation, which has no GPU "
+                                f"resize ({', '.join(_MODES)}); use extract.decode=cpu")
         self.first_of = [self.resizes.index(r) for r in self.resizes]
         self.counts = {"gpu": 0, "cpu": 0}
         self.decode, self.decoder = jpeg_decoder()

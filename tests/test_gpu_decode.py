@@ -176,3 +176,15 @@ def test_decode_gpu_without_cuda_is_a_one_line_error(tmp_path):
 
     with pytest.raises(UserError, match=r"extract.decode='jpeg' must be cpu"):
         extract(cfg, progress=False)
+
+
+def test_an_interpolation_without_gpu_resize_is_refused_before_any_work():
+    from omegaconf import OmegaConf
+
+    from pinterest_cls.errors import UserError
+
+    backbone = build_backbone(OmegaConf.create({"name": "t", "kind": "timm", "model": "test_efficientnet",
+                                                "pretrained": False, "image_size": 64, "interpolation": "lanczos"}))
+    with pytest.raises(UserError, match=r"backbone t resizes with 'lanczos' interpolation, which has no GPU resize "
+                                        r"\(bicubic, bilinear, nearest\); use extract.decode=cpu"):
+        GpuDecoder(None, [backbone], torch.device("cpu"))
