@@ -7,6 +7,7 @@ reason; it is never replaced by a neighbour and never stops the run.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -96,8 +97,7 @@ def collate_encoded(items):
     if not ok:
         return rows, None, failures
     encoded = [(row, px.data) for row, px in ok if isinstance(px, Encoded)]
-    sizes = [len(data) for _, data in encoded]
-    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    offsets = [0, *accumulate(len(data) for _, data in encoded)]
     buffer = torch.cat([data for _, data in encoded]) if encoded else torch.zeros(0, dtype=torch.uint8)
     return rows, {"encoded": {"rows": [row for row, _ in encoded], "buffer": buffer, "offsets": offsets},
                   "decoded": {row: px for row, px in ok if not isinstance(px, Encoded)}}, failures

@@ -94,6 +94,12 @@ def link_boards(boards: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return comp[board_of]
 
 
+def leaked(train: np.ndarray, test: np.ndarray, groups: np.ndarray) -> int:
+    """Test pins with a copy (same duplicate group) on the training side."""
+    trained = np.unique(groups[train][groups[train] >= 0])
+    return int(np.isin(groups[test], trained).sum())
+
+
 def drop_train_copies(train: np.ndarray, test: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(training positions kept, training positions dropped): a training pin is dropped when a copy of it (same
     duplicate group) is on the test side."""

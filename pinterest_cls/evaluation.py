@@ -157,6 +157,12 @@ def protocol_settings(split, max_per_category, sampling_seed, inner: str, repins
             f"repins {repins}")
 
 
+def repins_settings(mode: str, threshold) -> str:
+    """How a run handled copies across the split, as its protocol records it: ``off``, ``drop, exact`` or
+    ``drop, exact + near >= 0.95`` (``link`` likewise)."""
+    return mode if mode == "off" else f"{mode}, exact" + ("" if threshold is None else f" + near >= {threshold:g}")
+
+
 def protocol(settings: str, rows_sha256: str) -> str:
     """A run's protocol: :func:`protocol_settings` plus the identity of the embedded rows."""
     return f"{settings}; rows {rows_sha256[:10]}"

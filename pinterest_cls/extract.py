@@ -8,11 +8,11 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import hydra
 import numpy as np
-import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -395,8 +395,7 @@ def _check_failures(name: str, failures: dict, lo: int, hi: int, shard_name: str
     a changed export must not leave a store of zero rows that looks finished."""
     failed = {int(r): why for r, why in failures.items() if lo <= int(r) < hi}
     if hi > lo and len(failed) / (hi - lo) > max_failed:
-        reasons = pd.Series(list(failed.values())).value_counts()
-        common = "; ".join(f"{why!r} x{n}" for why, n in reasons.head(3).items())
+        common = "; ".join(f"{why!r} x{n}" for why, n in Counter(failed.values()).most_common(3))
         raise UserError(f"{name}: {len(failed)} of {hi - lo} rows of {shard_name} failed "
                         f"({len(failed) / (hi - lo):.1%} > extract.max_failed_fraction={max_failed:g}): {common}; "
                         "the committed rows are kept: fix the cause and re-run with extract.overwrite=true, or "

@@ -29,15 +29,14 @@ NO_PROTOCOL = "(not recorded: a run from before protocols were logged)"
 
 def default_protocol_settings(cfg: DictConfig) -> str:
     """The protocol settings of a ``train`` run with default settings on this data (``report.protocol=default``)."""
-    from .evaluation import protocol_settings, resolve_split_name
+    from .evaluation import protocol_settings, repins_settings, resolve_split_name
 
     layout = str(cfg.data.layout)
     tcfg = config.compose("train", [f"data.layout={layout}"])
     split = OmegaConf.merge(tcfg.split, {"name": resolve_split_name(str(tcfg.split.name), layout)})
-    mode, threshold = str(tcfg.repins.mode), tcfg.repins.threshold
-    repins = mode if mode == "off" else f"{mode}, exact" + ("" if threshold is None else f" + near >= {threshold:g}")
     return protocol_settings(split, tcfg.sampling.max_per_category, int(tcfg.sampling.seed),
-                             "by board" if layout == "pinterest" else "by pin", repins)
+                             "by board" if layout == "pinterest" else "by pin",
+                             repins_settings(str(tcfg.repins.mode), tcfg.repins.threshold))
 
 
 def choose_protocol(cfg: DictConfig, runs: pd.DataFrame) -> tuple[str, pd.DataFrame, pd.Series]:

@@ -95,11 +95,6 @@ def board_keys(frame: pd.DataFrame) -> np.ndarray:
     return (frame["user"].astype(str) + "/" + frame["board"].astype(str)).to_numpy()
 
 
-def repins_setting(cfg: DictConfig) -> str:
-    mode, threshold = str(cfg.repins.mode), cfg.repins.threshold
-    return mode if mode == "off" else f"{mode}, exact" + ("" if threshold is None else f" + near >= {threshold:g}")
-
-
 def find_repins(cfg: DictConfig, frame: pd.DataFrame, X: np.ndarray) -> tuple[np.ndarray, dict]:
     """Duplicate group of each sampled pin (-1: no copy among them), from the scan's content digests (exact
     copies) and the embeddings (near copies: cosine >= ``repins.threshold``), and counts for the run."""
@@ -123,16 +118,10 @@ def find_repins(cfg: DictConfig, frame: pd.DataFrame, X: np.ndarray) -> tuple[np
     return groups, info
 
 
-def leaked(train: np.ndarray, test: np.ndarray, groups: np.ndarray) -> int:
-    """Test pins with a copy (same duplicate group) on the training side."""
-    trained = np.unique(groups[train][groups[train] >= 0])
-    return int(np.isin(groups[test], trained).sum())
-
-
 def apply_repins(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray, groups: np.ndarray) -> tuple[Splits, dict]:
     """The split with no copy of a test pin on the training side: ``repins.mode=drop`` keeps the board split and
     drops the training-side copies; ``link`` splits linked groups of boards (boards sharing copies) whole."""
-    from .duplicates import drop_train_copies, link_boards
+    from .duplicates import drop_train_copies, leaked, link_boards
 
     mode = str(cfg.repins.mode)
     plain = make_splits(cfg, frame, y)
@@ -389,7 +378,14 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     from sklearn.metrics import classification_report
 
     from .classifiers import class_scores
-    from .evaluation import board_accuracy, classification_metrics, confusion_plot, protocol, protocol_settings
+    from .evaluation import (
+        board_accuracy,
+        classification_metrics,
+        confusion_plot,
+        protocol,
+        protocol_settings,
+        repins_settings,
+    )
 
     t0 = time.perf_counter()
     emb, index, meta, folder = open_store(cfg)
@@ -487,7 +483,7 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     split_cfg = OmegaConf.merge(cfg.split, {"name": splits.name})
     inner_kind = "by board" if "by board" in cv_desc else ("by pin, leaky" if leaky else "by pin")
     run_protocol = protocol(protocol_settings(split_cfg, cfg.sampling.max_per_category, int(cfg.sampling.seed),
-                                              inner_kind, repins_setting(cfg)),
+                                              inner_kind, repins_settings(str(cfg.repins.mode), cfg.repins.threshold)),
                             meta.get("fingerprint", {}).get("rows_sha256", ""))
     params = {
         "backbone": str(cfg.backbone.name), "classifier": str(cfg.classifier.name), "split": splits.name,
