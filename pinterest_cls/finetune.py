@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import json
 import math
 import struct
 import time
@@ -354,7 +355,10 @@ def _set_trainable(model, head_only: bool):
 
 
 def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoint: Path):
-    """Train on ``train_idx``, early-stop on ``val_idx``, evaluate the best checkpoint on ``test``."""
+    """Train on ``train_idx``, early-stop on ``val_idx``, evaluate the best checkpoint on ``test``.
+
+    ``test`` is None when the test part is not to be looked at (``evaluate_test=false``, for choosing
+    hyper-parameters on the validation slice alone); outputs and targets are then None."""
     task = str(cfg.task)
     classification = task == "classification"
     n_outputs = len(src.classes) if classification else 1
@@ -393,8 +397,10 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
     train_loader = DataLoader(dataset(train_idx, src.images, src.targets, True), shuffle=True, generator=gen,
                               drop_last=len(train_idx) > int(cfg.batch_size), **kw)
     val_loader = DataLoader(dataset(val_idx, src.images, src.targets, False), shuffle=False, **kw)
-    test_images, test_targets, test_idx = test
-    test_loader = DataLoader(dataset(test_idx, test_images, test_targets, False), shuffle=False, **kw)
+    test_loader = None
+    if test is not None:
+        test_images, test_targets, test_idx = test
+        test_loader = DataLoader(dataset(test_idx, test_images, test_targets, False), shuffle=False, **kw)
 
     o = cfg.optim
     loss_fn = (nn.CrossEntropyLoss(label_smoothing=float(o.label_smoothing)) if classification else nn.MSELoss())
@@ -406,8 +412,9 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(o.lr), weight_decay=float(o.weight_decay))
     scheduler = cosine_with_warmup(optimizer, int(float(o.warmup_epochs) * len(train_loader)), steps)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    history, best, best_state, stale = [], math.inf, None, 0
+    history, best, best_state, best_row, stale = [], math.inf, None, None, 0
     monitor = str(cfg.early_stopping.monitor)
+    key = "accuracy" if classification else "mae"
     for epoch in range(epochs):
         _set_trainable(model, head_only=epoch < probe)
         t0 = time.perf_counter()
@@ -416,7 +423,6 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
                                             desc=f"{fold_name}epoch {epoch + 1}/{epochs}" + (" (probe)" if epoch < probe
                                                                                           else ""))
         va_loss, va_score, _, _ = run_epoch(model, val_loader, loss_fn, task, device, amp, channels_last)
-        key = "accuracy" if classification else "mae"
         row = {"epoch": epoch + 1, "train_loss": tr_loss, f"train_{key}": tr_score, "val_loss": va_loss,
                f"val_{key}": va_score, "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
         history.append(row)
@@ -424,7 +430,7 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
               f"val loss {va_loss:.4f} {key} {va_score:.4f} ({row['seconds']:.0f} s)", flush=True)
         value = va_loss if monitor == "val_loss" else (-va_score if classification else va_score)
         if value < best - 1e-6:
-            best, stale = value, 0
+            best, stale, best_row = value, 0, row
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             torch.save(best_state, checkpoint)
         else:
@@ -433,9 +439,13 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
                 print(f"{fold_name}early stop: no improvement of {monitor} for {stale} epochs", flush=True)
                 break
     model.load_state_dict(best_state)
-    _, _, outs, tgts = run_epoch(model, test_loader, loss_fn, task, device, amp, channels_last)
     info = {**info, "device": device.type, "amp": str(amp).replace("torch.", "") if amp else "off",
-            "grad_scale": scaler.get_scale() if scaler is not None else None}
+            "grad_scale": scaler.get_scale() if scaler is not None else None,
+            "best": {"best_epoch": best_row["epoch"], "best_val_loss": best_row["val_loss"],
+                     f"best_val_{key}": best_row[f"val_{key}"]}}
+    if test_loader is None:
+        return history, None, None, info
+    _, _, outs, tgts = run_epoch(model, test_loader, loss_fn, task, device, amp, channels_last)
     return history, outs.numpy(), tgts.numpy(), info
 
 
@@ -511,6 +521,17 @@ def split_indices(cfg, src: Source):
     raise UserError(f"split.mode={mode!r} must be one of: auto, own, fractions, kfold")
 
 
+def fold_mean(per_fold: list[dict], prefix: str) -> dict:
+    """{prefix + name: mean over folds}, with ``_std`` beside each when there are several folds."""
+    out = {}
+    for k in sorted(set().union(*per_fold)) if per_fold else ():
+        vals = [m[k] for m in per_fold if k in m]
+        out[prefix + k] = float(np.mean(vals))
+        if len(per_fold) > 1:
+            out[prefix + k + "_std"] = float(np.std(vals))
+    return out
+
+
 def model_name(cfg: DictConfig) -> str:
     """simple_cnn, the timm model name, or the registered backbone it came from."""
     return str(cfg.model.get("name") or cfg.model.get("backbone") or cfg.model.kind)
@@ -526,26 +547,26 @@ def finetune(cfg: DictConfig) -> dict:
     src = load_source(cfg)
     out = config.job_output_dir()
     folds = split_indices(cfg, src)
-    histories, fold_metrics, all_out, all_tgt, info = [], [], [], [], {}
+    look_at_test = bool(cfg.evaluate_test)
+    histories, fold_metrics, fold_best, all_out, all_tgt, info = [], [], [], [], [], {}
     for f, (tr, va, test, name) in enumerate(folds):
         ckpt = out / (f"fold{f + 1}_best.pt" if len(folds) > 1 else "model_best.pt")
-        h, outs, tgts, info = fit_one(cfg, src, tr, va, test, name, ckpt)
+        h, outs, tgts, info = fit_one(cfg, src, tr, va, test if look_at_test else None, name, ckpt)
         histories.append(h)
+        fold_best.append(info["best"])
+        if not look_at_test:
+            continue
         fold_metrics.append(evaluate_outputs(task, outs, tgts, src.classes))
         all_out.append(outs)
         all_tgt.append(tgts)
         if len(folds) > 1:
             print(f"{name}" + ", ".join(f"{k} {v:.4f}" for k, v in fold_metrics[-1].items()
                                          if k in ("accuracy", "f1_macro", "mse", "mae")), flush=True)
-    metrics = {}
-    for k in sorted(set().union(*fold_metrics)):
-        vals = [m[k] for m in fold_metrics if k in m]
-        metrics[f"test_{k}"] = float(np.mean(vals))
-        if len(folds) > 1:
-            metrics[f"test_{k}_std"] = float(np.std(vals))
+    metrics = fold_mean(fold_best, "")  # the best epoch's validation scores: what hyper-parameters are chosen by
+    metrics.update(fold_mean(fold_metrics, "test_"))
     key = "accuracy" if task == "classification" else "mae"
     curves_plot(histories, out / "curves.png", key)
-    if task == "classification":
+    if task == "classification" and look_at_test:
         from .evaluation import confusion_plot
 
         names = np.asarray(src.classes)
@@ -561,13 +582,19 @@ def finetune(cfg: DictConfig) -> dict:
               "label_smoothing": float(cfg.optim.label_smoothing), "linear_probe_epochs": int(cfg.linear_probe_epochs),
               "split": str(cfg.split.mode), "folds": len(folds), "seed": int(cfg.seed), "data": str(cfg.data.name),
               "n_train": int(len(folds[0][0])), "n_test": int(np.sum([len(f[2][2]) for f in folds])),
-              "device": info.get("device"), "amp": info.get("amp"), "channels_last": str(cfg.channels_last)}
+              "device": info.get("device"), "amp": info.get("amp"), "channels_last": str(cfg.channels_last),
+              "weight_decay": float(cfg.optim.weight_decay), "evaluate_test": look_at_test}
     if info.get("grad_scale") is not None:  # fp16: the GradScaler's final loss scale
         metrics["grad_scale"] = float(info["grad_scale"])
+    shown = ("test_accuracy", "test_f1_macro", "test_mse", "test_mae") if look_at_test else (
+        "best_val_accuracy", "best_val_mae", "best_val_loss")
     summary = ", ".join(f"{k} {metrics[k]:.4f}" + (f" ± {metrics[k + '_std']:.4f}" if k + "_std" in metrics else "")
-                        for k in ("test_accuracy", "test_f1_macro", "test_mse", "test_mae") if k in metrics)
+                        for k in shown if k in metrics)
+    if not look_at_test:
+        summary += " (evaluate_test=false: the test part was not looked at)"
     print(f"finetune {params['model']} on {cfg.data.name}: {summary} ({elapsed / 60:.1f} min); outputs in {out}")
-    if task == "classification":
+    (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "params": params}, indent=1))
+    if task == "classification" and look_at_test:
         from .evaluation import metric_key
 
         recalls = {c: metrics.get(f"test_recall_{metric_key(c)}") for c in src.classes}

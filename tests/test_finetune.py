@@ -75,6 +75,42 @@ def test_kfold_mean_and_std(tmp_path):
     assert {"test_accuracy", "test_accuracy_std"} <= set(r["metrics"])
 
 
+def test_evaluate_test_false_never_runs_the_test_part(tmp_path, monkeypatch):
+    """Choosing hyper-parameters on the validation slice: no batch of the test part goes through the model,
+    the run reports the best epoch's validation scores, and training is the run that later evaluates the test."""
+    import json
+
+    import pinterest_cls.finetune as ft
+
+    x, y = patterns()
+    path = npz(tmp_path, images=x, labels=y)
+    seen = []
+    real = ft.run_epoch
+
+    def spy(model, loader, *args, **kwargs):
+        seen.append(len(loader.dataset))
+        return real(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(ft, "run_epoch", spy)
+    blind = run(tmp_path, "data=npz", f"data.root={path}", "mlflow.enabled=false", "evaluate_test=false")
+    assert set(seen) == {153, 39}  # fractions 0.64/0.16/0.2 of 240: train 153, val 39, never the test's 48
+    m = blind["metrics"]
+    assert not [k for k in m if k.startswith("test_")]
+    best = blind["histories"][0][int(m["best_epoch"]) - 1]
+    assert m["best_val_loss"] == min(r["val_loss"] for r in blind["histories"][0]) == best["val_loss"]
+    assert m["best_val_accuracy"] == best["val_accuracy"]
+    saved = json.loads((blind["output_dir"] / "metrics.json").read_text())
+    assert saved["params"]["evaluate_test"] is False and saved["metrics"]["best_epoch"] == m["best_epoch"]
+    assert not (blind["output_dir"] / "confusion_matrix.png").exists()
+
+    seen.clear()
+    full = run(tmp_path, "data=npz", f"data.root={path}", "mlflow.enabled=false")
+    assert 48 in seen and full["metrics"]["test_accuracy"] > 0.85
+    assert full["metrics"]["best_val_loss"] == m["best_val_loss"]
+    assert [[{k: v for k, v in r.items() if k != "seconds"} for r in h] for h in full["histories"]] == \
+        [[{k: v for k, v in r.items() if k != "seconds"} for r in h] for h in blind["histories"]]
+
+
 @pytest.mark.parametrize("chans", [1, 4])
 def test_in_chans(tmp_path, chans):
     """Images of 1 or 4 channels train: the stems take that many channels and the CNN learns the patterns."""
