@@ -106,3 +106,11 @@ def drop_train_copies(train: np.ndarray, test: np.ndarray, groups: np.ndarray) -
     tested = np.unique(groups[test][groups[test] >= 0])
     dropped = np.isin(groups[train], tested) & (groups[train] >= 0)
     return train[~dropped], train[dropped]
+
+
+def keep_one(positions: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions kept, positions dropped): of each duplicate group among ``positions``, only its first pin (in the
+    order given) is kept; pins without copies (group -1) are all kept."""
+    g = groups[positions]
+    first = ~pd.Series(g).duplicated().to_numpy() | (g < 0)
+    return positions[first], positions[~first]

@@ -157,10 +157,13 @@ def protocol_settings(split, max_per_category, sampling_seed, inner: str, repins
             f"repins {repins}")
 
 
-def repins_settings(mode: str, threshold) -> str:
+def repins_settings(mode: str, threshold, keep_one: bool = False) -> str:
     """How a run handled copies across the split, as its protocol records it: ``off``, ``drop, exact`` or
-    ``drop, exact + near >= 0.95`` (``link`` likewise)."""
-    return mode if mode == "off" else f"{mode}, exact" + ("" if threshold is None else f" + near >= {threshold:g}")
+    ``drop, exact + near >= 0.95`` (``link`` likewise), with ``, one per group`` under ``repins.keep_one``."""
+    if mode == "off":
+        return mode
+    return (f"{mode}, exact" + ("" if threshold is None else f" + near >= {threshold:g}")
+            + (", one per group" if keep_one else ""))
 
 
 def protocol(settings: str, rows_sha256: str) -> str:

@@ -36,7 +36,8 @@ def default_protocol_settings(cfg: DictConfig) -> str:
     split = OmegaConf.merge(tcfg.split, {"name": resolve_split_name(str(tcfg.split.name), layout)})
     return protocol_settings(split, tcfg.sampling.max_per_category, int(tcfg.sampling.seed),
                              "by board" if layout == "pinterest" else "by pin",
-                             repins_settings(str(tcfg.repins.mode), tcfg.repins.threshold))
+                             repins_settings(str(tcfg.repins.mode), tcfg.repins.threshold,
+                                             bool(tcfg.repins.get("keep_one", False))))
 
 
 def choose_protocol(cfg: DictConfig, runs: pd.DataFrame) -> tuple[str, pd.DataFrame, pd.Series]:

@@ -137,14 +137,31 @@ def apply_repins(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray, groups: np
         splits = make_splits(cfg, frame, y)
         info["boards_linked"] = int(len(np.unique(boards)) - len(np.unique(linked)))
         info["pins_dropped"] = 0
-        return splits, info
-    folds, dropped = [], 0
-    for tr, te in plain.folds:
-        kept, gone = drop_train_copies(tr, te, groups)
-        folds.append((kept, te))
-        dropped += len(gone)
-    info["pins_dropped"] = dropped
-    return Splits(plain.name, folds, plain.grouped, plain.info), info
+    else:
+        folds, dropped = [], 0
+        for tr, te in plain.folds:
+            kept, gone = drop_train_copies(tr, te, groups)
+            folds.append((kept, te))
+            dropped += len(gone)
+        info["pins_dropped"] = dropped
+        splits = Splits(plain.name, folds, plain.grouped, dict(plain.info))
+    if bool(cfg.repins.keep_one):
+        splits = keep_one_per_group(splits, groups)
+        info["pins_deduplicated"] = sum(len(d) for d in splits.info["keep_one_dropped"])
+    return splits, info
+
+
+def keep_one_per_group(splits: Splits, groups: np.ndarray) -> Splits:
+    """``repins.keep_one``: each side of each fold keeps one pin per duplicate group, so a repinned image neither
+    weighs several times in training nor counts several times in the test metrics."""
+    from .duplicates import keep_one
+
+    folds, gone = [], []
+    for tr, te in splits.folds:
+        (tr_kept, tr_gone), (te_kept, te_gone) = keep_one(tr, groups), keep_one(te, groups)
+        folds.append((tr_kept, te_kept))
+        gone.append(np.concatenate([tr_gone, te_gone]))
+    return Splits(splits.name, folds, splits.grouped, {**splits.info, "keep_one_dropped": gone})
 
 
 def split_table(frame: pd.DataFrame, splits: Splits, groups: np.ndarray | None) -> pd.DataFrame:
@@ -157,6 +174,8 @@ def split_table(frame: pd.DataFrame, splits: Splits, groups: np.ndarray | None) 
         if groups is not None:
             tested = set(groups[te][groups[te] >= 0])
             reason[(side == "dropped") & np.isin(groups, list(tested))] = "a copy is on the test side"
+        if "keep_one_dropped" in splits.info:
+            reason[splits.info["keep_one_dropped"][f]] = "another copy is kept on this side (repins.keep_one)"
         part = frame[["user", "board", "pin"]].copy()
         part.insert(0, "fold", f)
         part["side"], part["reason"] = side, reason
@@ -400,13 +419,18 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     if str(cfg.repins.mode) != "off":
         if str(cfg.repins.mode) not in ("drop", "link"):
             raise UserError(f"repins.mode={cfg.repins.mode!r} must be drop, link or off")
+    elif bool(cfg.repins.keep_one):
+        raise UserError("repins.keep_one=true needs the duplicate groups: set repins.mode=drop or link")
+    if str(cfg.repins.mode) != "off":
         groups, repin_info = find_repins(cfg, frame, X)
         splits, more = apply_repins(cfg, frame, y, groups)
         repin_info.update(more)
         print(f"repins: {repin_info['pins_with_copies']} pins in {repin_info['duplicate_groups']} duplicate groups; "
               f"{repin_info['test_pins_with_train_copy_before']} test pins had a copy in training; "
               + (f"{repin_info['boards_linked']} boards linked" if repin_info["repins_mode"] == "link"
-                 else f"{repin_info['pins_dropped']} training pins dropped"), flush=True)
+                 else f"{repin_info['pins_dropped']} training pins dropped")
+              + (f"; {repin_info['pins_deduplicated']} further copies dropped to keep one per group and side"
+                 if "pins_deduplicated" in repin_info else ""), flush=True)
     else:
         splits = make_splits(cfg, frame, y)
     out = config.job_output_dir()
@@ -483,7 +507,8 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     split_cfg = OmegaConf.merge(cfg.split, {"name": splits.name})
     inner_kind = "by board" if "by board" in cv_desc else ("by pin, leaky" if leaky else "by pin")
     run_protocol = protocol(protocol_settings(split_cfg, cfg.sampling.max_per_category, int(cfg.sampling.seed),
-                                              inner_kind, repins_settings(str(cfg.repins.mode), cfg.repins.threshold)),
+                                              inner_kind, repins_settings(str(cfg.repins.mode), cfg.repins.threshold,
+                                                                              bool(cfg.repins.keep_one))),
                             meta.get("fingerprint", {}).get("rows_sha256", ""))
     params = {
         "backbone": str(cfg.backbone.name), "classifier": str(cfg.classifier.name), "split": splits.name,
@@ -494,7 +519,7 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
                                for s in cfg.preprocess.steps) or "none",
         "n_samples": len(frame), "n_test": int(np.sum(test_sizes)), "n_classes": len(categories),
         "embeddings": str(folder), "embeddings_meta_sha256": file_sha256(folder / META),
-        "timm_id": meta.get("timm_id"), "seed": int(cfg.seed),
+        "timm_id": meta.get("timm_id"), "seed": int(cfg.seed), "repins_keep_one": bool(cfg.repins.keep_one),
         **repin_info,
         **{k: v for k, v in best_params.items()},
     }

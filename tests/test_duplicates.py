@@ -14,6 +14,7 @@ from pinterest_cls.duplicates import (
     drop_train_copies,
     duplicate_groups,
     exact_pairs,
+    keep_one,
     link_boards,
     near_pairs,
 )
@@ -48,6 +49,8 @@ def test_groups_links_and_drops():
     assert linked[0] == linked[1] == linked[4] == linked[5] != linked[2] == linked[3]
     kept, dropped = drop_train_copies(np.array([0, 1, 2, 3]), np.array([4, 5]), groups)
     assert list(kept) == [1, 2, 3] and list(dropped) == [0]
+    kept, dropped = keep_one(np.array([5, 4, 0, 1, 3, 2]), np.array([7, 9, -1, 9, 7, -1]))
+    assert list(kept) == [5, 4, 1, 2] and list(dropped) == [0, 3]  # first of each group in the given order
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +117,33 @@ def test_no_test_pin_keeps_a_copy_on_the_training_side(tmp_path, repinned, split
     assert len(dropped) == p["pins_dropped"] and (dropped["reason"] == "a copy is on the test side").all()
     assert link["params"]["boards_linked"] >= 1 and link["params"]["pins_dropped"] == 0
     assert "repins link, exact + near >= 0.98" in link["params"]["protocol"]
+
+
+def test_keep_one_leaves_one_pin_per_duplicate_group_and_side(tmp_path, repinned):
+    """repins.keep_one: a pin-level split puts several copies on one side; with keep_one each side of the split
+    holds at most one pin of each duplicate group, the others are listed as dropped, and the protocol says so."""
+    from pinterest_cls.errors import UserError
+
+    def per_side(result):
+        table = pd.read_csv(result["output_dir"] / "split.csv")
+        copies = {("cats0", "p0"), ("cats1", "copy"), ("cats2", "copy"), ("dogs0", "p1"), ("dogs1", "copy"),
+                  ("dogs2", "copy")}
+        table = table[[(b, p) in copies for b, p in zip(table["board"], table["pin"])]]
+        table = table.assign(group=table["board"].str.rstrip("012"))
+        return table[table["side"] != "dropped"].groupby(["group", "side"]).size(), table
+
+    plain = run(tmp_path, repinned, "split=stratified", "repins.mode=drop", "split.seed=3")
+    counts, _ = per_side(plain)
+    assert counts.max() >= 2, "the fixture must put two copies on one side without keep_one"
+    one = run(tmp_path, repinned, "split=stratified", "repins.mode=drop", "split.seed=3", "repins.keep_one=true")
+    counts, table = per_side(one)
+    assert counts.max() == 1
+    dedup = table[table["reason"] == "another copy is kept on this side (repins.keep_one)"]
+    assert len(dedup) == one["params"]["pins_deduplicated"] >= 1
+    assert one["params"]["n_samples"] == plain["params"]["n_samples"]
+    assert "one per group" in one["params"]["protocol"] and "one per group" not in plain["params"]["protocol"]
+    with pytest.raises(UserError, match="repins.keep_one=true needs the duplicate groups"):
+        run(tmp_path, repinned, "repins.mode=off", "repins.keep_one=true")
 
 
 def test_link_needs_a_board_split(tmp_path, repinned):
