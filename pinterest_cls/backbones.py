@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .catalog import file_sha256
 from .errors import UserError
+from .fileio import file_sha256
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,8 @@ human-readable reason.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import os
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -20,8 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import DictConfig
 
+from . import config
 from .errors import UserError
+from .fileio import atomic_write_json, available_cpus, file_sha256, mp_context
 from .images import DEFAULT_MAX_PIXELS, verify_image
 
 LAYOUTS = ("pinterest", "imagefolder", "csv")
@@ -36,38 +35,6 @@ COLUMNS = [
     "user", "board", "pin", "category", "path", "status", "reason",
     "width", "height", "bytes", "format", "mtime_ns", "digest",
 ]
-
-
-@contextlib.contextmanager
-def locked(folder: Path, name: str = ".lock"):
-    """An exclusive lock on ``folder``, held on the file ``name`` in it (parallel jobs may start at the same
-    moment). Not re-entrant: nested locks must use different names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / name, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def mp_context():
-    """The multiprocessing context for worker pools: fork on Linux (as PyTorch's DataLoader has always used
-    there), the platform default elsewhere. Explicit, because a job started by a launcher (joblib's loky
-    workers) has a different default start method that cannot start ordinary child processes."""
-    import multiprocessing
-
-    if sys.platform.startswith("linux"):
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context()
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (a SLURM allocation or taskset, not the whole node)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 2
 
 
 @dataclass
@@ -329,27 +296,6 @@ def categories_of(manifest: pd.DataFrame) -> dict[str, int]:
     return {name: i for i, name in enumerate(names)}
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 def write_manifest(out_dir: Path, manifest: pd.DataFrame) -> None:
     tmp = out_dir / f".{MANIFEST}.tmp{os.getpid()}"
     manifest.to_parquet(tmp, index=False)
@@ -446,3 +392,29 @@ def format_report(report: dict, out_dir: Path) -> str:
                  f"{report['elapsed_s']:.2f} s, {report['files_per_s'] or 0:.0f} files/s")
     lines.append(f"  wrote {out_dir / MANIFEST}, {CATEGORIES}, {SCAN_REPORT}")
     return "\n".join(lines)
+
+
+def settings_from(cfg: DictConfig) -> ScanSettings:
+    verify = config.select(cfg, "scan.verify")
+    if verify not in ("full", "header"):
+        raise UserError(f"scan.verify={verify!r} must be 'full' (decode every pixel) or 'header'")
+    return ScanSettings(
+        full=verify == "full",
+        allow_truncated=bool(config.select(cfg, "scan.allow_truncated")),
+        max_pixels=int(config.select(cfg, "scan.max_pixels")),
+        workers=config.select(cfg, "scan.workers"),
+    )
+
+
+def scan_export(cfg: DictConfig, progress: bool = True) -> dict:
+    """Scan the export that ``cfg`` describes (its ``data``, ``paths`` and ``scan`` keys) into its work folder;
+    return the report."""
+    settings = settings_from(cfg)
+    root = config.data_root(cfg)
+    out_dir = config.data_dir(cfg)
+    report = run_scan(
+        root, out_dir, str(config.select(cfg, "data.layout")),
+        list(config.select(cfg, "data.reject_categories")), cfg.data, settings,
+        incremental=bool(config.select(cfg, "scan.incremental")), progress=progress,
+    )
+    return report

@@ -10,8 +10,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
 
-#: conf/ at the repository top level, beside the package.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+def _conf_dir() -> str:
+    """The configs: ``pinterest_cls/conf`` inside an installed wheel, else ``conf/`` at the top of the source
+    tree beside the package (a checkout or an editable install)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "conf", here.parent / "conf"):
+        if (folder / "extract.yaml").is_file():
+            return str(folder)
+    raise ImportError(f"pinterest_cls: no conf/ folder with extract.yaml in {here} or {here.parent}; "
+                      "reinstall the package")
+
+
+#: Where Hydra finds the verbs' configs.
+CONF_DIR = _conf_dir()
 
 #: ``data.name`` when ``data.root`` is unset: the embedded demo export.
 DEMO_NAME = "demo"

@@ -12,7 +12,7 @@ from itertools import accumulate
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .catalog import available_cpus, mp_context
+from .fileio import available_cpus, mp_context
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb, load_rgb_variants
 
 
@@ -121,16 +121,21 @@ def collate_pins(items):
     return rows, pixels, failures
 
 
-def make_loader(dataset: PinDataset, batch_size: int, workers: int, pin_memory: bool,
-                prefetch_factor: int = 4) -> DataLoader:
-    """In-order batches; worker processes decode and resize, the main process only runs the model."""
+def make_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool, prefetch_factor: int = 4,
+                shuffle: bool = False, generator: torch.Generator | None = None, drop_last: bool = False
+                ) -> DataLoader:
+    """The package's one DataLoader factory. Worker processes (started with :func:`fileio.mp_context`, kept
+    between epochs) decode and resize; the main process only runs the model. A :class:`PinDataset` gets its own
+    collate (failed rows travel beside the batch); other datasets (finetune's) PyTorch's default. In order
+    unless ``shuffle``, whose order ``generator`` seeds."""
     workers = max(0, int(workers))
     kwargs = {}
     if workers > 0:
         kwargs = dict(persistent_workers=True, prefetch_factor=prefetch_factor, multiprocessing_context=mp_context())
-    collate = collate_encoded if getattr(dataset, "encoded", False) else collate_pins
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, drop_last=False, **kwargs)
+    if isinstance(dataset, PinDataset):
+        kwargs["collate_fn"] = collate_encoded if dataset.encoded else collate_pins
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+                      pin_memory=pin_memory, drop_last=drop_last, **kwargs)
 
 
 def default_workers() -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 import struct
 import zlib
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
 
 VERSION = 1
 MARKER = ".pinterest_cls_demo.json"
@@ -183,7 +186,7 @@ def generate_demo_export(root: Path) -> Path:
 
 def ensure_demo_export(root: Path) -> Path:
     """The demo export at ``root``, generated unless a complete one of this version is already there."""
-    from .catalog import locked
+    from .fileio import locked
 
     marker = Path(root) / MARKER
     with locked(Path(root).parent, ".demo.lock"):  # parallel jobs: one generates, the others wait for it
@@ -192,7 +195,7 @@ def ensure_demo_export(root: Path) -> Path:
                 return Path(root)
         except (OSError, ValueError):
             pass
-        print(f"Generating the demo export in {root} ...", flush=True)
+        log.info(f"Generating the demo export in {root} ...")
         return generate_demo_export(Path(root))
 
 
@@ -234,7 +237,7 @@ def synthetic_export(root: Path, n: int, size: tuple[int, int] = (736, 1100), pi
             board.mkdir(parents=True, exist_ok=True)
             (board / "board_category.txt").write_text(f"category{b % categories}\n")
         jobs.append((i, board / f"pin{i:07d}" / IMAGE_NAME, size[0], size[1]))
-    from .catalog import mp_context
+    from .fileio import mp_context
 
     with ProcessPoolExecutor(mp_context=mp_context()) as pool:
         list(pool.map(_synthetic_pin, jobs, chunksize=64))

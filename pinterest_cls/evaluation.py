@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -57,76 +56,6 @@ def board_accuracy(frame: pd.DataFrame) -> float:
         top = sorted(votes[votes == votes.max()].index)[0]
         correct.append(top == g["truth"].iloc[0])
     return float(np.mean(correct)) if correct else float("nan")
-
-
-def confusion_plot(y_true, y_pred, classes, path: Path, title: str = "") -> Path:
-    """Row-normalised confusion matrix with category names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = skm.confusion_matrix(y_true, y_pred, labels=classes, normalize="true")
-    cm = np.nan_to_num(cm)
-    n = len(classes)
-    size = max(4.5, 0.45 * n + 2.5)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), labels=classes, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), labels=classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                if cm[i, j] >= 0.005:
-                    ax.text(j, i, f"{cm[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if cm[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def heatmap_plot(table: pd.DataFrame, path: Path, title: str, fmt: str = "{:.3f}",
-                 labels: pd.DataFrame | None = None, xlabel: str = "", ylabel: str = "") -> Path:
-    """Rows x columns of numbers (NaN = missing) as an annotated heatmap; ``labels`` (same shape, text)
-    replaces the numbers as annotations, e.g. with their confidence intervals. Scores in [0, 1] get a colour
-    scale that ends at 1."""
-    import textwrap
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = table.to_numpy(dtype=float)
-    width = 1.6 * table.shape[1] + 3
-    fig, ax = plt.subplots(figsize=(width, (0.5 if labels is None else 0.8) * table.shape[0] + 2.5))
-    finite = values[np.isfinite(values)]
-    scores = finite.size and finite.min() >= 0 and finite.max() <= 1
-    vmin, vmax = (max(0.0, float(finite.min()) - 0.05), 1.0) if scores else (None, None)
-    im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
-    ax.set_xticks(range(table.shape[1]), labels=table.columns, rotation=30, ha="right")
-    ax.set_yticks(range(table.shape[0]), labels=table.index)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0
-    for i in range(values.shape[0]):
-        for j in range(values.shape[1]):
-            if np.isfinite(values[i, j]):
-                text = fmt.format(values[i, j]) if labels is None else \
-                    str(labels.loc[table.index[i], table.columns[j]]).replace(" [", "\n[")
-                ax.text(j, i, text, ha="center", va="center", fontsize=9,
-                        color="black" if values[i, j] > mid else "white")
-    fig.colorbar(im, ax=ax)
-    ax.set_title("\n".join(textwrap.fill(line, width=int(width * 9)) for line in title.splitlines()), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # --- evaluation protocol ---------------------------------------------------------------------------------------
@@ -215,3 +144,19 @@ def bootstrap_ci(truth, pred, groups=None, n_boot: int = 1000, level: float = 0.
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(stats, [tail, 100 - tail], axis=0)
     return {"accuracy": (float(low[0]), float(high[0])), "f1_macro": (float(low[1]), float(high[1]))}
+
+
+def purity(labels_true, labels_pred) -> float:
+    table = pd.crosstab(labels_pred, labels_true)
+    return float(table.max(axis=1).sum() / table.to_numpy().sum())
+
+
+def fold_mean(per_fold: list[dict], prefix: str) -> dict:
+    """{prefix + name: mean over folds}, with ``_std`` beside each when there are several folds."""
+    out = {}
+    for k in sorted(set().union(*per_fold)) if per_fold else ():
+        vals = [m[k] for m in per_fold if k in m]
+        out[prefix + k] = float(np.mean(vals))
+        if len(per_fold) > 1:
+            out[prefix + k + "_std"] = float(np.std(vals))
+    return out

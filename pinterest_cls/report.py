@@ -109,7 +109,7 @@ def to_markdown(table: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
 
 
 def report(cfg: DictConfig) -> dict:
-    from .evaluation import heatmap_plot
+    from .plots import heatmap_plot
 
     runs = train_runs(cfg)
     if runs.empty:

@@ -77,7 +77,7 @@ def _shard_entry(meta, index, count, lo, hi, rec) -> dict:
 
 
 def status(cfg: DictConfig) -> list[dict]:
-    from .extract import backbone_configs
+    from .extraction import backbone_configs
 
     root = config.data_dir(cfg) / "embeddings"
     if OmegaConf.select(cfg, "backbones", default=None):

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import DictConfig
 
-from .catalog import atomic_write_json, locked
+from . import config
 from .errors import UserError
+from .fileio import atomic_write_json, locked
 
 EMBEDDINGS = "embeddings.npy"
 INDEX = "index.parquet"
@@ -194,3 +196,38 @@ def open_embeddings(folder: Path) -> tuple[np.ndarray, pd.DataFrame, dict]:
         raise UserError(f"no embeddings in {folder}")
     meta = json.loads((folder / META).read_text())
     return np.load(folder / EMBEDDINGS, mmap_mode="r"), pd.read_parquet(folder / INDEX), meta
+
+
+def extract_command(cfg: DictConfig) -> str:
+    b = cfg.backbone
+    parts = ["python -m pinterest_cls.extract"]
+    parts.append(f"backbone=timm backbone.model={b.model}" if b.get("kind") == "timm" else f"backbone={b.name}")
+    if cfg.data.root:
+        parts.append(f"data.root={cfg.data.root}")
+        if cfg.data.layout != "pinterest":
+            parts.append(f"data.layout={cfg.data.layout}")
+    if str(cfg.paths.work) != "./work":
+        parts.append(f"paths.work={cfg.paths.work}")
+    return " ".join(parts)
+
+
+def embeddings_folder(cfg: DictConfig) -> Path:
+    return config.data_dir(cfg) / "embeddings" / str(cfg.backbone.name)
+
+
+def open_store(cfg: DictConfig):
+    """(embeddings memory-mapped, index, meta, folder) for this config's backbone, with clear errors."""
+    folder = embeddings_folder(cfg)
+    if not (folder / META).is_file():
+        raise UserError(f"no embeddings for backbone {cfg.backbone.name} in {folder}; "
+                        f"run first: {extract_command(cfg)}")
+    emb, index, meta = open_embeddings(folder)
+    if not meta.get("complete"):
+        raise UserError(f"embeddings in {folder} are incomplete ({meta.get('rows_done')}/{meta.get('rows')} rows "
+                        f"done); finish them (extract resumes): {extract_command(cfg)}")
+    return emb, index, meta, folder
+
+
+def load_xy(emb: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
+    """Only the sampled rows are read from the memory-mapped array."""
+    return np.asarray(emb[rows["row"].to_numpy()], dtype=np.float32)

@@ -35,7 +35,7 @@ def boards_frame(boards_per_category: dict[str, int], pins: int = 6) -> tuple[pd
 
 
 def inner(frame, y, *overrides, grouped=True, layout="pinterest"):
-    from pinterest_cls.train import inner_cv
+    from pinterest_cls.splits import inner_cv
 
     from .conftest import make_cfg
 
@@ -44,7 +44,7 @@ def inner(frame, y, *overrides, grouped=True, layout="pinterest"):
 
 
 def assert_folds_keep_boards_apart(cv, frame, y, groups):
-    from pinterest_cls.train import board_keys
+    from pinterest_cls.splits import board_keys
 
     boards = board_keys(frame)
     folds = list(cv.split(np.zeros(len(y)), y, groups=groups))

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from pinterest_cls.errors import UserError
-from pinterest_cls.finetune import build_model, finetune, read_idx
+from pinterest_cls.finetune import finetune
+from pinterest_cls.finetuning.data import read_idx
+from pinterest_cls.finetuning.models import build_model
 
 from .conftest import make_cfg
 
@@ -80,7 +82,7 @@ def test_evaluate_test_false_never_runs_the_test_part(tmp_path, monkeypatch):
     the run reports the best epoch's validation scores, and training is the run that later evaluates the test."""
     import json
 
-    import pinterest_cls.finetune as ft
+    import pinterest_cls.finetuning.loop as ft
 
     x, y = patterns()
     path = npz(tmp_path, images=x, labels=y)

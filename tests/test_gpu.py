@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pinterest_cls.backbones import build_backbone
-from pinterest_cls.extract import KILL_ENV, Runner, extract, prepare_model
+from pinterest_cls.embedding import Runner, prepare_model
+from pinterest_cls.extract import KILL_ENV, extract
 from pinterest_cls.store import open_embeddings
 
 from .conftest import make_cfg, make_pinterest_export, run_verb

@@ -4,7 +4,7 @@ grid (experiment=paper_grid_tiny), and the full grid's config for every verb."""
 import pandas as pd
 from omegaconf import OmegaConf
 
-from pinterest_cls.extract import backbone_configs
+from pinterest_cls.extraction import backbone_configs
 
 from .conftest import make_cfg, run_verb
 

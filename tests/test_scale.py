@@ -247,7 +247,7 @@ def test_backbones_with_the_same_preprocessing_share_one_resized_tensor(big_expo
 
     from pinterest_cls.backbones import build_backbone
     from pinterest_cls.data import PinDataset, collate_pins
-    from pinterest_cls.extract import backbone_configs
+    from pinterest_cls.extraction import backbone_configs
 
     torch.manual_seed(0)
     backbones = [build_backbone(b) for b in backbone_configs(make_cfg("extract", [BACKBONES]))]

@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
-from pinterest_cls.classifiers import FaissKNN, TorchMLP
 from pinterest_cls.errors import UserError
+from pinterest_cls.estimators import FaissKNN, TorchMLP
 from pinterest_cls.extract import extract
 from pinterest_cls.report import report
-from pinterest_cls.train import board_keys, make_splits, sample_rows, train
+from pinterest_cls.splits import board_keys, make_splits, sample_rows
+from pinterest_cls.train import train
 
 from .conftest import make_cfg, run_verb, write_image
 
@@ -122,7 +123,9 @@ def test_preprocessing_is_fitted_inside_each_cv_fold(demo_work):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pinterest_cls.train import fit_grid, inner_cv, load_xy, open_store
+    from pinterest_cls.estimators import fit_grid
+    from pinterest_cls.splits import inner_cv
+    from pinterest_cls.store import load_xy, open_store
 
     cfg = train_cfg(demo_work, "classifier=logreg", "classifier.grid.C=[0.01,1]", "train.scoring=neg_log_loss",
                     "preprocess.steps=[standardize,pca]", "preprocess.pca_components=8")

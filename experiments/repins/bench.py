@@ -31,10 +31,10 @@ from pinterest_cls.config import compose
 from pinterest_cls.duplicates import duplicate_groups, leaked, link_boards
 from pinterest_cls.errors import UserError
 from pinterest_cls.extract import extract
-from pinterest_cls.finetune import read_idx
+from pinterest_cls.finetuning.data import read_idx
 from pinterest_cls.scan import scan
+from pinterest_cls.splits import apply_repins, make_splits
 from pinterest_cls.store import open_embeddings
-from pinterest_cls.train import apply_repins, make_splits
 
 CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 

@@ -33,7 +33,8 @@ from PIL import Image
 from pinterest_cls.backbones import build_backbone
 from pinterest_cls.config import CONF_DIR
 from pinterest_cls.demo import synthetic_export
-from pinterest_cls.extract import Runner, extract, prepare_model, resolve_amp, resolve_device
+from pinterest_cls.embedding import Runner, prepare_model, resolve_amp, resolve_device
+from pinterest_cls.extract import extract
 from pinterest_cls.scan import scan
 
 SIZE = (736, 1100)

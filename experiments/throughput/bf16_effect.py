@@ -24,7 +24,7 @@ from PIL import Image
 
 from pinterest_cls.config import compose
 from pinterest_cls.extract import extract
-from pinterest_cls.finetune import read_idx
+from pinterest_cls.finetuning.data import read_idx
 from pinterest_cls.scan import scan
 from pinterest_cls.store import open_embeddings
 

@@ -21,7 +21,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from pinterest_cls.backbones import build_backbone
-from pinterest_cls.extract import Runner, prepare_model
+from pinterest_cls.embedding import Runner, prepare_model
 from pinterest_cls.gpu_decode import jpeg_decoder, resize_of
 
 

@@ -37,7 +37,8 @@ from hydra import compose, initialize_config_dir
 from pinterest_cls.backbones import build_backbone
 from pinterest_cls.config import CONF_DIR
 from pinterest_cls.demo import synthetic_export
-from pinterest_cls.extract import Runner, extract, prepare_model
+from pinterest_cls.embedding import Runner, prepare_model
+from pinterest_cls.extract import extract
 from pinterest_cls.scan import scan
 from pinterest_cls.store import open_embeddings
 

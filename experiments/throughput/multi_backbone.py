@@ -31,7 +31,9 @@ from hydra import compose, initialize_config_dir
 
 from pinterest_cls.config import CONF_DIR
 from pinterest_cls.demo import synthetic_export
-from pinterest_cls.extract import backbone_configs, extract, extract_many, resolve_device
+from pinterest_cls.embedding import resolve_device
+from pinterest_cls.extract import extract
+from pinterest_cls.extraction import backbone_configs, extract_many
 from pinterest_cls.scan import scan
 
 SIZE = (736, 1100)

@@ -1,0 +1,116 @@
+"""``python -m pinterest_cls.cluster backbone=NAME``: faiss k-means on stored embeddings, scored against the
+categories, with a 2-D projection, a cluster x category composition table and saved centroids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import hydra
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from . import config
+from .errors import UserError, user_errors_exit
+from .estimators import FaissKMeans, projection
+from .evaluation import purity
+from .plots import scatter_plot
+
+log = logging.getLogger(__name__)
+
+
+def cluster(cfg: DictConfig) -> dict:
+    import joblib
+    from sklearn import metrics as skm
+    from sklearn.preprocessing import normalize
+
+    from .store import open_store
+
+    c = cfg.cluster
+    t0 = time.perf_counter()
+    emb, index, meta, folder = open_store(cfg)
+    rows = index[index["embedded"]].reset_index(drop=True)
+    seed = int(c.seed)
+    if c.max_rows and len(rows) > int(c.max_rows):
+        keep = np.sort(np.random.default_rng(seed).choice(len(rows), int(c.max_rows), replace=False))
+        rows = rows.iloc[keep].reset_index(drop=True)
+    X = np.asarray(emb[rows["row"].to_numpy()], dtype=np.float32)
+    if c.l2:
+        X = normalize(X).astype(np.float32)
+    categories = rows["category"].astype(str).to_numpy()
+    labelled = len(set(categories) - {""}) >= 2
+    k = int(c.k) if c.k else len(set(categories))
+    if not 2 <= k <= len(X):
+        raise UserError(f"cluster.k={k} must be between 2 and the number of embedded pins ({len(X)})")
+    km = FaissKMeans(n_clusters=k, n_init=int(c.restarts), max_iter=int(c.iterations), spherical=bool(c.spherical),
+                     random_state=seed).fit(X)
+    assign = km.labels_
+    metrics = {"objective": km.objective_}
+    if labelled:
+        metrics.update({
+            "nmi": skm.normalized_mutual_info_score(categories, assign),
+            "ari": skm.adjusted_rand_score(categories, assign),
+            "homogeneity": skm.homogeneity_score(categories, assign),
+            "completeness": skm.completeness_score(categories, assign),
+            "purity": purity(categories, assign),
+        })
+    rng = np.random.default_rng(seed)
+    sil = rng.choice(len(X), min(len(X), int(c.silhouette_sample)), replace=False)
+    if len(set(assign[sil])) >= 2:
+        metric = "cosine" if c.l2 else "euclidean"
+        metrics["silhouette"] = float(skm.silhouette_score(X[sil], assign[sil], metric=metric, random_state=seed))
+    metrics = {m: float(v) for m, v in metrics.items()}
+
+    out = config.job_output_dir()
+    composition = pd.crosstab(pd.Series(assign, name="cluster"), pd.Series(categories, name="category"))
+    composition.to_csv(out / "composition.csv")
+    proj_idx = np.sort(rng.choice(len(X), min(len(X), int(c.projection_sample)), replace=False))
+    xy = projection(X[proj_idx], str(c.projection), seed)
+    title = f"{cfg.backbone.name}: k-means k={k}, {c.projection} of {len(proj_idx)} pins"
+    scatter_plot(xy, [f"cluster {a}" for a in assign[proj_idx]], out / "projection_by_cluster.png", title)
+    scatter_plot(xy, categories[proj_idx], out / "projection_by_category.png", title)
+    model_dir = folder / "clusters" / f"k{k}"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    np.save(model_dir / "centroids.npy", km.cluster_centers_)
+    joblib.dump(km, model_dir / "kmeans.joblib")
+    pd.DataFrame({"row": rows["row"], "cluster": assign}).to_parquet(model_dir / "assignments.parquet", index=False)
+    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    log.info(f"cluster {cfg.backbone.name}: k={k}, {len(X)} pins, " +
+          ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
+    for cl, row in composition.iterrows():
+        parts = [f"{n} {cat}" for cat, n in row.sort_values(ascending=False).items() if n > 0]
+        print(f"  cluster {cl}: " + ", ".join(parts))
+    log.info(f"  centroids and model in {model_dir}; plots in {out}")
+
+    params = {"backbone": str(cfg.backbone.name), "k": k, "restarts": int(c.restarts), "iterations": int(c.iterations),
+              "spherical": bool(c.spherical), "l2": bool(c.l2), "n": len(X), "projection": str(c.projection),
+              "embeddings": str(folder), "seed": seed}
+    from .tracking import mlflow_run
+
+    tags = {"verb": "cluster", "backbone": str(cfg.backbone.name)}
+    with mlflow_run(cfg, f"{cfg.backbone.name}-kmeans{k}", tags=tags) as run:
+        if run is not None:
+            import mlflow
+
+            mlflow.log_params(params)
+            mlflow.log_metrics(metrics)
+            mlflow.log_artifact(str(out / "composition.csv"))
+            mlflow.log_artifact(str(out / "projection_by_cluster.png"), "plots")
+            mlflow.log_artifact(str(out / "projection_by_category.png"), "plots")
+            mlflow.log_artifact(str(model_dir / "centroids.npy"))
+            mlflow.log_artifact(str(model_dir / "kmeans.joblib"))
+    return {"metrics": metrics, "composition": composition, "model_dir": model_dir, "output_dir": out,
+            "run_id": run.info.run_id if run is not None else None, "elapsed_s": time.perf_counter() - t0}
+
+
+@hydra.main(config_path=config.CONF_DIR, config_name="cluster", version_base="1.3")
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    cluster(cfg)
+
+
+if __name__ == "__main__":
+    main()

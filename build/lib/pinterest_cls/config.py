@@ -1,0 +1,106 @@
+"""Config plumbing shared by every verb: the conf/ folder, resolvers, and the locations others rely on."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import UserError
+
+def _conf_dir() -> str:
+    """The configs: ``pinterest_cls/conf`` inside an installed wheel, else ``conf/`` at the top of the source
+    tree beside the package (a checkout or an editable install)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "conf", here.parent / "conf"):
+        if (folder / "extract.yaml").is_file():
+            return str(folder)
+    raise ImportError(f"pinterest_cls: no conf/ folder with extract.yaml in {here} or {here.parent}; "
+                      "reinstall the package")
+
+
+#: Where Hydra finds the verbs' configs.
+CONF_DIR = _conf_dir()
+
+#: ``data.name`` when ``data.root`` is unset: the embedded demo export.
+DEMO_NAME = "demo"
+
+
+def _data_name(root) -> str:
+    """Default ``data.name``: the export folder's name (a CSV/parquet file's stem), or ``demo``."""
+    if root in (None, "", "null"):
+        return DEMO_NAME
+    path = Path(str(root)).expanduser()
+    name = path.stem if path.suffix.lower() in (".csv", ".parquet", ".tsv", ".npz") else path.name
+    return name or path.resolve().name
+
+
+# faiss announces at INFO level which CPU build it loads; the job log has no use for it
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+if not OmegaConf.has_resolver("pc_data_name"):
+    OmegaConf.register_new_resolver("pc_data_name", _data_name)
+if not OmegaConf.has_resolver("pc_join"):  # a list as a Hydra sweep: [a, b] -> "a,b"
+    OmegaConf.register_new_resolver("pc_join", lambda items: ",".join(str(i) for i in items))
+
+
+def select(cfg: DictConfig, key: str):
+    """``cfg[key]`` for a dotted key, with an error naming the key when it is missing."""
+    value = OmegaConf.select(cfg, key, throw_on_missing=False, default=KeyError)
+    if value is KeyError:
+        raise UserError(f"config key '{key}' is missing; add it to the config or pass {key}=...")
+    return value
+
+
+def work_dir(cfg: DictConfig) -> Path:
+    return Path(os.path.expanduser(str(select(cfg, "paths.work")))).resolve()
+
+
+def data_dir(cfg: DictConfig) -> Path:
+    """``${paths.work}/${data.name}``: manifest, categories, scan report and embeddings live here."""
+    return work_dir(cfg) / str(select(cfg, "data.name"))
+
+
+def job_output_dir() -> Path:
+    """The Hydra job's output folder when running under Hydra, else a new temporary folder."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        path = Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # not inside a Hydra app (library use, tests)
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="pinterest_cls_"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_root(cfg: DictConfig) -> Path:
+    """The export to read: ``data.root``, or the demo export (generated on first use)."""
+    root = select(cfg, "data.root")
+    if root in (None, ""):
+        from .demo import ensure_demo_export
+
+        return ensure_demo_export(work_dir(cfg) / DEMO_NAME / "export")
+    path = Path(os.path.expanduser(str(root))).resolve()
+    if not path.exists():
+        raise UserError(
+            f"data.root={root} does not exist; point data.root at an export "
+            "(or leave it unset to use the embedded demo data)"
+        )
+    return path
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """The config ``python -m pinterest_cls.<config_name> <overrides>`` would run with (inside a running Hydra
+    app too)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name=config_name, overrides=overrides)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)

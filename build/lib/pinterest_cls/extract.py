@@ -1,0 +1,111 @@
+"""``python -m pinterest_cls.extract backbone=NAME``: stream the manifest's ok pins through a backbone into
+``${paths.work}/${data.name}/embeddings/${backbone.name}/`` (resumable, shardable, corrupt-safe, AMP)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from . import config
+from .errors import UserError, user_errors_exit
+from .extraction import ShardDone, backbone_configs, extract_many
+
+log = logging.getLogger(__name__)
+
+#: Fault injection for the crash-safety tests: kill -9 this process right after writing the Nth batch's rows,
+#: before they are committed.
+KILL_ENV = "PINTEREST_CLS_KILL_AFTER_BATCH"
+
+
+def kill_hook():
+    """The ``on_batch`` callback that :data:`KILL_ENV` asks for, or None."""
+    n = int(os.environ.get(KILL_ENV, "0") or 0)
+    if not n:
+        return None
+
+    def on_batch(batch: int) -> None:
+        if batch == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_batch
+
+
+def extract(cfg: DictConfig, progress: bool = True) -> dict:
+    """Run (or resume) this job's shard of the extraction of ``backbone``; returns the store's meta.
+    With ``backbones=[...]`` set, every listed backbone is extracted from one decode of each pin and the
+    result is ``{backbone name: meta}``."""
+    metas = extract_many(cfg, backbone_configs(cfg), progress=progress, on_done=lambda done: report(cfg, done),
+                         on_batch=kill_hook())
+    if OmegaConf.select(cfg, "backbones", default=None):
+        return metas
+    return next(iter(metas.values()))
+
+
+def report(cfg: DictConfig, done: ShardDone) -> None:
+    """A backbone's shard is done: its per-batch timings as CSV and plot beside the store, a summary in the
+    log, and an MLflow run (``verb=extract``)."""
+    from .plots import batch_timings_plot
+    from .tracking import mlflow_run
+
+    backbone, stats, meta = done.backbone, done.stats, done.meta
+    timing_csv = done.folder / "timings" / f"{done.tag}.csv"
+    timing_csv.parent.mkdir(exist_ok=True)
+    with open(timing_csv, "w") as f:
+        f.write("batch,images,wait_s,compute_s\n")
+        f.writelines(f"{b},{n},{w:.6f},{c:.6f}\n" for b, n, w, c in done.timings)
+    png = batch_timings_plot(done.timings, timing_csv.with_suffix(".png"),
+                             title=f"{backbone.name} on {stats['device']}, {done.shard_name}")
+    log.info(f"{backbone.name}: {done.shard_name}: {stats['rows']} images in {stats['elapsed_s']:.1f} s "
+          f"({stats['images_per_s']:.1f} images/s; waiting for data {stats['wait_s']:.1f} s, "
+          f"computing {stats['compute_s']:.1f} s), {stats['failed']} failed")
+    state = "complete" if meta["complete"] else f"{meta['rows_done']}/{meta['rows']} rows done"
+    log.info(f"store {done.folder}: {state}, {meta['rows_failed']} failed rows")
+    params = {"backbone": backbone.name, "timm_id": backbone.info.get("timm_id"),
+              "weights_sha256": backbone.info.get("weights_sha256"), "weights": backbone.info.get("weights"),
+              "image_size": backbone.info.get("input_size"), "pool": backbone.info.get("pool"),
+              "batch_size": int(cfg.extract.batch_size), "workers": stats["workers"], "amp": stats["amp"],
+              "device": stats["device"], "shard": done.shard_name, "dtype": meta["dtype"]}
+    with mlflow_run(cfg, f"extract-{backbone.name}", tags={"verb": "extract"}) as run:
+        if run is None:
+            return
+        import mlflow
+
+        mlflow.log_params(params)
+        mlflow.log_metrics({"images_per_s": stats["images_per_s"], "failed": stats["failed"],
+                            "elapsed_s": stats["elapsed_s"], "wait_s": stats["wait_s"],
+                            "compute_s": stats["compute_s"]})
+        mlflow.log_artifact(str(png), "plots")
+        mlflow.log_artifact(str(timing_csv), "timings")
+        mlflow.log_text(json.dumps(meta, indent=2), "meta.json")
+
+
+@hydra.main(config_path=config.CONF_DIR, config_name="extract", version_base="1.3")
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    _check_sweep(cfg)
+    extract(cfg)
+
+
+def _check_sweep(cfg: DictConfig) -> None:
+    """A multirun job that sweeps ``backbone`` while ``backbones`` is also set (e.g. by an experiment config)
+    would extract every listed backbone in every job: refuse it."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not OmegaConf.select(cfg, "backbones", default=None) or not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    swept = [o for o in hc.overrides.task if o.split("=", 1)[0] in ("backbone", "+backbone")]
+    if hc.mode == RunMode.MULTIRUN and swept:
+        raise UserError(f"this multirun job has {swept[0]} but backbones={list(cfg.backbones)} is set too, so "
+                        "every job would extract every listed backbone; add backbones=null for one backbone "
+                        "per job, or run without -m to extract them all in one process")
+
+
+if __name__ == "__main__":
+    main()

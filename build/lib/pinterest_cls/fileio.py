@@ -1,0 +1,64 @@
+"""Files and processes: locks, atomic writes, content hashes, and the CPUs and process start method to use."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def locked(folder: Path, name: str = ".lock"):
+    """An exclusive lock on ``folder``, held on the file ``name`` in it (parallel jobs may start at the same
+    moment). Not re-entrant: nested locks must use different names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / name, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def mp_context():
+    """The multiprocessing context for worker pools: fork on Linux (as PyTorch's DataLoader has always used
+    there), the platform default elsewhere. Explicit, because a job started by a launcher (joblib's loky
+    workers) has a different default start method that cannot start ordinary child processes."""
+    import multiprocessing
+
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (a SLURM allocation or taskset, not the whole node)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 2
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())

@@ -1,0 +1,27 @@
+"""``python -m pinterest_cls.scan``: catalogue an export into ``${paths.work}/${data.name}/manifest.parquet``."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from . import config
+from .catalog import format_report, scan_export
+from .errors import user_errors_exit
+
+
+def scan(cfg: DictConfig, progress: bool = True) -> dict:
+    """Run the scan described by ``cfg`` (the ``data``, ``paths`` and ``scan`` keys); return its report."""
+    report = scan_export(cfg, progress=progress)
+    print(format_report(report, config.data_dir(cfg)), flush=True)
+    return report
+
+
+@hydra.main(config_path=config.CONF_DIR, config_name="scan", version_base="1.3")
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    scan(cfg)
+
+
+if __name__ == "__main__":
+    main()

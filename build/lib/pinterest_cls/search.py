@@ -1,0 +1,53 @@
+"""``python -m pinterest_cls.search query=IMAGE k=10 backbone=NAME``: the pins most similar to an image (or to a
+pin of the manifest) by cosine similarity over a backbone's stored embeddings.
+
+The faiss index is built once and saved beside the embeddings (``search_index/``): exact (flat inner product)
+up to ``search.exact_max`` vectors, IVF or HNSW beyond (``search.index``), with its recall@k against exact
+search measured on a sample of stored vectors and reported.
+"""
+
+from __future__ import annotations
+
+import hydra
+import pandas as pd
+from omegaconf import DictConfig
+
+from . import config
+from .errors import UserError, user_errors_exit
+from .index import load_or_build, normalized, query_vector
+from .plots import contact_sheet
+
+
+def search(cfg: DictConfig) -> pd.DataFrame:
+    from .store import open_store
+
+    emb, index_df, meta, folder = open_store(cfg)
+    index, rows, info = load_or_build(folder, emb, index_df, cfg)
+    vec, desc, query_row = query_vector(cfg, emb, index_df, meta)
+    k = int(cfg.k)
+    if k < 1:
+        raise UserError(f"k={k} must be >= 1")
+    scores, ids = index.search(normalized(vec), min(len(rows), k + (query_row is not None)))
+    found = [(float(s), int(rows[i])) for s, i in zip(scores[0], ids[0]) if i >= 0 and rows[i] != query_row][:k]
+    by_row = index_df.set_index("row")
+    hits = pd.DataFrame([{"rank": r + 1, "score": s, **{c: by_row.at[row, c] for c in
+                                                       ("user", "board", "pin", "category", "path")}}
+                         for r, (s, row) in enumerate(found)])
+    out = config.job_output_dir()
+    hits.to_csv(out / "neighbors.csv", index=False)
+    query_path = str(cfg.query) if cfg.query is not None else str(by_row.at[query_row, "path"])
+    contact_sheet(query_path, hits, out / "contact_sheet.png")
+    print(f"{k} nearest pins to {desc} ({info['kind']} index over {info['n']} {cfg.backbone.name} embeddings):")
+    print(hits.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"wrote {out / 'neighbors.csv'} and {out / 'contact_sheet.png'}", flush=True)
+    return hits
+
+
+@hydra.main(config_path=config.CONF_DIR, config_name="search", version_base="1.3")
+@user_errors_exit
+def main(cfg: DictConfig) -> None:
+    search(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""Classifiers for stored embeddings, all scikit-learn estimators (fit / predict / predict_proba /
+get_params), so they compose with Pipeline, GridSearchCV, clone and joblib.
+
+The configs in ``conf/classifier/`` instantiate these (or scikit-learn's own LinearSVC, LogisticRegression,
+RandomForestClassifier) with ``_target_``, and give the hyper-parameter grid.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import hydra
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+from sklearn.base import BaseEstimator, ClassifierMixin, ClusterMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
+
+from .errors import UserError
+from .splits import inner_cv
+
+log = logging.getLogger(__name__)
+
+VOTES = ("uniform", "distance", "softmax")
+
+
+PREPROCESS_STEPS = ("l2", "standardize", "pca")
+
+
+class FaissKNN(ClassifierMixin, BaseEstimator):
+    """k-nearest-neighbour classifier on faiss exact search.
+
+    ``metric="ip"`` (inner product; cosine similarity on L2-normalised features, the default preprocessing)
+    or ``"l2"``. Votes: ``uniform``; ``distance`` (1 / Euclidean distance, as scikit-learn's
+    ``weights="distance"``); ``softmax``: exp(similarity / ``temperature``), as in DINO's kNN (T = 0.07).
+    scikit-learn's kd_tree degenerates to a slow brute force in 1000+ dimensions; faiss' flat index is a
+    BLAS matrix product.
+    """
+
+    def __init__(self, k: int = 10, weights: str = "uniform", temperature: float = 0.07, metric: str = "ip",
+                 batch_size: int = 4096):
+        self.k = k
+        self.weights = weights
+        self.temperature = temperature
+        self.metric = metric
+        self.batch_size = batch_size
+
+    def _validate_params(self):
+        if not isinstance(self.k, (int, np.integer)) or self.k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
+        if self.weights not in VOTES:
+            raise ValueError(f"weights must be one of {VOTES}, got {self.weights!r}")
+        if not self.temperature or self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.metric not in ("ip", "l2"):
+            raise ValueError(f"metric must be 'ip' or 'l2', got {self.metric!r}")
+
+    def fit(self, X, y):
+        self._validate_params()
+        X, y = check_X_y(X, y, dtype=np.float32)
+        check_classification_targets(y)
+        self.classes_, self.y_ = np.unique(y, return_inverse=True)
+        self.X_ = np.ascontiguousarray(X, dtype=np.float32)
+        self.n_features_in_ = X.shape[1]
+        self._index = None
+        return self
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_index", None)  # rebuilt on demand; faiss indexes do not pickle
+        return state
+
+    def _faiss_index(self):
+        import faiss
+
+        if getattr(self, "_index", None) is None:
+            index = faiss.IndexFlatIP(self.X_.shape[1]) if self.metric == "ip" else faiss.IndexFlatL2(self.X_.shape[1])
+            index.add(self.X_)
+            self._index = index
+        return self._index
+
+    def kneighbors(self, X, k: int | None = None):
+        """(similarities or squared distances, indices) of the k nearest training rows, best first."""
+        check_is_fitted(self, "X_")
+        X = np.ascontiguousarray(check_array(X, dtype=np.float32))
+        k = min(int(k or self.k), len(self.X_))
+        index = self._faiss_index()
+        out_d, out_i = [], []
+        for start in range(0, len(X), self.batch_size):
+            d, i = index.search(X[start:start + self.batch_size], k)
+            out_d.append(d)
+            out_i.append(i)
+        return np.concatenate(out_d), np.concatenate(out_i)
+
+    def predict_proba(self, X):
+        scores, idx = self.kneighbors(X)
+        # faiss returns similarities (ip) or squared distances (l2); Euclidean distance on unit vectors for ip
+        dist = np.sqrt(np.maximum(2.0 - 2.0 * scores, 0.0) if self.metric == "ip" else np.maximum(scores, 0.0))
+        if self.weights == "uniform":
+            w = np.ones_like(scores)
+        elif self.weights == "distance":
+            w = 1.0 / np.maximum(dist, 1e-12)
+        else:
+            logits = (scores if self.metric == "ip" else -dist) / self.temperature
+            w = np.exp(logits - logits.max(axis=1, keepdims=True))
+        votes = np.zeros((len(scores), len(self.classes_)), dtype=np.float64)
+        np.add.at(votes, (np.repeat(np.arange(len(scores)), idx.shape[1]), self.y_[idx].ravel()), w.ravel())
+        return votes / votes.sum(axis=1, keepdims=True)
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+class TorchMLP(ClassifierMixin, BaseEstimator):
+    """One-hidden-layer perceptron in PyTorch (hidden ``hidden``, ReLU, Adam), early stopping on a
+    stratified validation slice (best epoch kept), on the GPU when there is one. Seeded: the same data and
+    ``random_state`` give the same model on CPU."""
+
+    def __init__(self, hidden: int = 200, lr: float = 1e-3, batch_size: int = 64, max_epochs: int = 200,
+                 patience: int = 10, validation_fraction: float = 0.1, weight_decay: float = 0.0,
+                 device: str = "auto", random_state: int = 0):
+        self.hidden = hidden
+        self.lr = lr
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.weight_decay = weight_decay
+        self.device = device
+        self.random_state = random_state
+
+    def _validate_params(self):
+        for name in ("hidden", "batch_size", "max_epochs", "patience"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not self.lr or self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
+
+    def _device(self):
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def _net(self, n_in: int, n_out: int):
+        from torch import nn
+
+        return nn.Sequential(nn.Linear(n_in, self.hidden), nn.ReLU(), nn.Linear(self.hidden, n_out))
+
+    def fit(self, X, y):
+        import torch
+        from sklearn.model_selection import train_test_split
+
+        self._validate_params()
+        X, y = check_X_y(X, y, dtype=np.float32)
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        self.n_features_in_ = X.shape[1]
+        counts = np.bincount(y_idx)
+        stratify = y_idx if counts.min() >= 2 and int(len(y) * self.validation_fraction) >= len(counts) else None
+        tr, va = train_test_split(np.arange(len(y)), test_size=self.validation_fraction,
+                                  random_state=self.random_state, stratify=stratify)
+        device = self._device()
+        gen = torch.Generator().manual_seed(int(self.random_state))
+        torch.manual_seed(int(self.random_state))
+        net = self._net(X.shape[1], len(self.classes_)).to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        Xt, yt = torch.from_numpy(X[tr]).to(device), torch.from_numpy(y_idx[tr]).long().to(device)
+        Xv, yv = torch.from_numpy(X[va]).to(device), torch.from_numpy(y_idx[va]).long().to(device)
+        best, best_state, stale = np.inf, None, 0
+        self.loss_curve_, self.validation_loss_curve_ = [], []
+        for _epoch in range(self.max_epochs):
+            net.train()
+            order = torch.randperm(len(Xt), generator=gen).to(device)
+            total = 0.0
+            for start in range(0, len(order), self.batch_size):
+                b = order[start:start + self.batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(net(Xt[b]), yt[b])
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(b)
+            net.eval()
+            with torch.no_grad():
+                val = float(loss_fn(net(Xv), yv))
+            self.loss_curve_.append(total / len(Xt))
+            self.validation_loss_curve_.append(val)
+            if val < best - 1e-6:
+                best, stale = val, 0
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
+            else:
+                stale += 1
+                if stale >= self.patience:
+                    break
+        self.state_ = best_state
+        self.best_validation_loss_ = best
+        self.n_epochs_ = len(self.loss_curve_)
+        return self
+
+    def predict_proba(self, X):
+        import torch
+
+        check_is_fitted(self, "state_")
+        X = check_array(X, dtype=np.float32)
+        device = self._device()
+        net = self._net(self.n_features_in_, len(self.classes_))
+        net.load_state_dict(self.state_)
+        net.to(device).eval()
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(X), 8192):
+                out.append(torch.softmax(net(torch.from_numpy(X[start:start + 8192]).to(device)), dim=1).cpu())
+        return torch.cat(out).numpy().astype(np.float64)
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+def class_scores(estimator, X) -> np.ndarray | None:
+    """(n, n_classes) scores for ranking metrics: probabilities where the estimator has them, else its
+    decision function (a binary decision function becomes two columns); None when it has neither."""
+    if hasattr(estimator, "predict_proba"):
+        try:
+            return np.asarray(estimator.predict_proba(X))
+        except AttributeError:  # e.g. SVC(probability=False) exposes predict_proba but refuses it
+            pass
+    if hasattr(estimator, "decision_function"):
+        s = np.asarray(estimator.decision_function(X))
+        return np.column_stack([-s, s]) if s.ndim == 1 else s
+    return None
+
+
+class FaissKMeans(ClusterMixin, BaseEstimator):
+    """k-means with faiss: ``n_init`` restarts (the best objective is kept), optionally spherical (centroids
+    renormalised, for L2-normalised features). A scikit-learn estimator: fit / predict / transform, and it
+    pickles (joblib), so new embeddings can be assigned to the clusters later."""
+
+    def __init__(self, n_clusters: int = 8, n_init: int = 5, max_iter: int = 50, spherical: bool = True,
+                 random_state: int = 0):
+        self.n_clusters = n_clusters
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.spherical = spherical
+        self.random_state = random_state
+
+    def fit(self, X, y=None):
+        import faiss
+
+        X = np.ascontiguousarray(check_array(X, dtype=np.float32))
+        if not 1 <= self.n_clusters <= len(X):
+            raise ValueError(f"n_clusters={self.n_clusters} must be between 1 and the number of samples ({len(X)})")
+        km = faiss.Kmeans(X.shape[1], int(self.n_clusters), niter=int(self.max_iter), nredo=int(self.n_init),
+                          spherical=bool(self.spherical), seed=int(self.random_state), verbose=False,
+                          max_points_per_centroid=max(256, -(-len(X) // int(self.n_clusters))))
+        km.train(X)
+        self.cluster_centers_ = np.asarray(km.centroids, dtype=np.float32)
+        self.objective_ = float(km.obj[-1]) if len(km.obj) else float("nan")
+        self.labels_ = self.predict(X)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def transform(self, X):
+        """Squared Euclidean distances to every centroid."""
+        check_is_fitted(self, "cluster_centers_")
+        X = check_array(X, dtype=np.float32)
+        c = self.cluster_centers_
+        return (X * X).sum(1, keepdims=True) - 2 * X @ c.T + (c * c).sum(1)[None, :]
+
+    def predict(self, X):
+        import faiss
+
+        check_is_fitted(self, "cluster_centers_")
+        X = np.ascontiguousarray(check_array(X, dtype=np.float32))
+        index = faiss.IndexFlatL2(self.cluster_centers_.shape[1])
+        index.add(self.cluster_centers_)
+        return index.search(X, 1)[1][:, 0].astype(np.int64)
+
+
+def projection(X: np.ndarray, method: str, seed: int) -> np.ndarray:
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        return PCA(n_components=2, random_state=seed).fit_transform(X)
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        perplexity = float(min(30.0, max(2.0, (len(X) - 1) / 3)))
+        return TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity).fit_transform(X)
+    raise UserError(f"cluster.projection={method!r} must be tsne or pca")
+
+
+def build_pipeline(cfg: DictConfig, n_features: int, n_train: int):
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    steps = []
+    for step in cfg.preprocess.steps:
+        if step == "l2":
+            steps.append(("l2", Normalizer(norm="l2")))
+        elif step == "standardize":
+            steps.append(("standardize", StandardScaler()))
+        elif step == "pca":
+            k = int(cfg.preprocess.pca_components)
+            if not 1 <= k <= min(n_features, n_train):
+                raise UserError(f"preprocess.pca_components={k} must be between 1 and "
+                                f"min(features {n_features}, training samples per CV fold ~{n_train})")
+            steps.append(("pca", PCA(n_components=k, random_state=int(cfg.seed))))
+        else:
+            raise UserError(f"preprocess.steps: unknown step {step!r}; choose from {', '.join(PREPROCESS_STEPS)}")
+    try:
+        estimator = hydra.utils.instantiate(cfg.classifier.estimator)
+    except Exception as exc:
+        raise UserError(f"classifier.estimator of classifier={cfg.classifier.name} cannot be built: "
+                        f"{str(exc).splitlines()[0]}") from None
+    steps.append(("clf", estimator))
+    return Pipeline(steps)
+
+
+def param_grid(cfg: DictConfig, pipeline) -> dict[str, list]:
+    """``classifier.grid`` as a GridSearchCV grid, each value checked against the estimator."""
+    from sklearn.base import clone
+
+    estimator = pipeline.named_steps["clf"]
+    valid = estimator.get_params()
+    grid = {}
+    for key, values in (OmegaConf.to_container(cfg.classifier.grid, resolve=True) or {}).items():
+        values = values if isinstance(values, list) else [values]
+        if key not in valid:
+            raise UserError(f"classifier.grid.{key}: {type(estimator).__name__} has no parameter {key!r} "
+                            f"(it has: {', '.join(sorted(valid))})")
+        if not values:
+            raise UserError(f"classifier.grid.{key} is empty; give at least one value")
+        for v in values:
+            candidate = clone(estimator).set_params(**{key: v})
+            try:
+                if hasattr(candidate, "_validate_params"):
+                    candidate._validate_params()
+            except Exception as exc:
+                raise UserError(f"classifier.grid.{key}={v!r} is invalid for {type(estimator).__name__}: "
+                                f"{str(exc).splitlines()[0]}") from None
+        grid[f"clf__{key}"] = values
+    return grid
+
+
+def fit_grid(cfg: DictConfig, X, y, frame: pd.DataFrame, grouped: bool):
+    from sklearn.model_selection import GridSearchCV
+
+    seed = int(cfg.seed)
+    cv, groups, cv_desc, leaky = inner_cv(cfg, frame, y, grouped, seed)
+    if leaky:
+        log.warning(f"warning: inner CV {cv_desc}; its scores choose the hyper-parameters and report's cells")
+    n_train_fold = int(len(y) * (1 - 1 / cv.get_n_splits()))
+    pipe = build_pipeline(cfg, X.shape[1], n_train_fold)
+    grid = param_grid(cfg, pipe)
+    search = GridSearchCV(pipe, grid or {}, scoring=str(cfg.train.scoring), cv=cv, n_jobs=cfg.train.n_jobs,
+                          refit=True, error_score="raise")
+    search.fit(X, y, groups=groups)
+    return search, cv_desc, leaky

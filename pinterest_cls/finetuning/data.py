@@ -1,0 +1,223 @@
+"""Where finetune's images come from: IDX files, .npz arrays or a scanned export; their transforms and splits."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+
+from ..errors import UserError
+
+
+@dataclass
+class Source:
+    """Images as uint8 arrays (N, H, W, C) or file paths, with targets, and the data's own test part if any."""
+
+    images: np.ndarray | list[str]
+    targets: np.ndarray  # int class indices, or float values for regression
+    classes: list[str] | None
+    test_images: np.ndarray | list[str] | None = None
+    test_targets: np.ndarray | None = None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (optionally gzipped): ubyte images (N, H, W) or labels (N,)."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype != 0x08 or not 1 <= ndim <= 4:
+            raise ValueError(f"bad IDX header (magic {data[:4].hex()}; expected unsigned bytes)")
+        shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+        body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        if body.size != int(np.prod(shape)):
+            raise ValueError(f"holds {body.size} values, its header says {int(np.prod(shape))}")
+        return body.reshape(shape)
+    except FileNotFoundError:
+        raise UserError(f"IDX file {path} not found (data.root={path.parent}); for Fashion-MNIST run "
+                        "`apt-get install dataset-fashion-mnist`, or point data.root at the *-ubyte.gz files") from None
+    except (OSError, ValueError, struct.error, EOFError) as exc:
+        raise UserError(f"IDX file {path} cannot be read: {exc}") from None
+
+
+def load_idx(dcfg) -> Source:
+    root = Path(str(dcfg.root)).expanduser()
+    x = read_idx(root / dcfg.train_images)
+    y = read_idx(root / dcfg.train_labels)
+    xt = read_idx(root / dcfg.test_images)
+    yt = read_idx(root / dcfg.test_labels)
+    for imgs, labels, name in ((x, y, dcfg.train_labels), (xt, yt, dcfg.test_labels)):
+        if len(imgs) != len(labels):
+            raise UserError(f"{root / name} has {len(labels)} labels for {len(imgs)} images")
+    classes = list(dcfg.classes) if dcfg.get("classes") else [str(i) for i in range(int(max(y.max(), yt.max())) + 1)]
+    return Source(x[..., None], y.astype(np.int64), classes, xt[..., None], yt.astype(np.int64))
+
+
+def _npz_targets(z, key_labels, key_targets, file, task):
+    if task == "regression":
+        if key_targets not in z:
+            raise UserError(f"{file} has no array '{key_targets}' (data.targets_key) with regression targets; "
+                            f"it has: {', '.join(z.files)}")
+        return np.asarray(z[key_targets], dtype=np.float32), None
+    if key_labels not in z:
+        raise UserError(f"{file} has no array '{key_labels}' (data.labels_key) with labels; it has: "
+                        f"{', '.join(z.files)}")
+    classes, idx = np.unique(np.asarray(z[key_labels]), return_inverse=True)
+    return idx.astype(np.int64), [str(c) for c in classes]
+
+
+def load_npz(dcfg, task: str) -> Source:
+    file = Path(str(dcfg.root)).expanduser()
+    if not file.is_file():
+        raise UserError(f"data.root={file} is not a .npz file")
+    try:
+        z = np.load(file, allow_pickle=False)
+    except Exception as exc:
+        raise UserError(f"{file} cannot be read as .npz: {exc}") from None
+    if dcfg.images_key not in z:
+        raise UserError(f"{file} has no array '{dcfg.images_key}' (data.images_key); it has: {', '.join(z.files)}")
+    images = np.asarray(z[dcfg.images_key])
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise UserError(f"{file}: '{dcfg.images_key}' must be (N, H, W) or (N, H, W, C), got shape {images.shape}")
+    if images.dtype != np.uint8:  # floats in [0, 1] (or any range): scaled to bytes per array
+        lo, hi = float(images.min()), float(images.max())
+        images = np.round((images - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)
+    targets, classes = _npz_targets(z, dcfg.labels_key, dcfg.targets_key, file, task)
+    if len(targets) != len(images):
+        raise UserError(f"{file}: {len(targets)} labels/targets for {len(images)} images")
+    return Source(images, targets, classes)
+
+
+def load_manifest_source(cfg: DictConfig) -> Source:
+    from ..extraction import ok_rows
+
+    _, ok = ok_rows(cfg)
+    classes, idx = np.unique(ok["category"].astype(str).to_numpy(), return_inverse=True)
+    return Source(ok["path"].tolist(), idx.astype(np.int64), [str(c) for c in classes])
+
+
+def load_source(cfg: DictConfig) -> Source:
+    kind = str(cfg.data.get("kind") or "export")
+    task = str(cfg.task)
+    if kind == "idx":
+        src = load_idx(cfg.data)
+    elif kind == "npz":
+        src = load_npz(cfg.data, task)
+    elif kind == "export":
+        src = load_manifest_source(cfg)
+    else:
+        raise UserError(f"data.kind={kind!r} must be export (a scanned export), idx or npz")
+    if task == "regression" and src.classes is not None and kind != "npz":
+        raise UserError(f"task=regression needs numeric targets (data=npz with data.targets_key); data.kind={kind} "
+                        "has class labels")
+    return src
+
+
+def make_transform(augment: str, size: int, in_chans: int, mean, std, aug_cfg, train: bool,
+                   source_size: int | None = None):
+    """uint8 (C, H, W) tensor -> float normalised tensor of ``size`` x ``size``, with the augmentation preset
+    when training. No resize when the source already has that size (``source_size``)."""
+    from torchvision.transforms import v2
+
+    steps = [] if source_size == size else [v2.Resize((size, size), antialias=True)]
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if train and augment == "light":
+        steps += [v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=0, translate=(0.1, 0.1))]
+    elif train and augment == "affine":
+        # the face study's Keras ImageDataGenerator(shear_range=0.2, zoom_range=0.2, horizontal_flip=True);
+        # Keras' shear_range is an angle in degrees
+        zoom = float(aug_cfg.zoom)
+        steps += [v2.RandomAffine(degrees=0, shear=float(aug_cfg.shear), scale=(1 - zoom, 1 + zoom))]
+        if aug_cfg.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+    elif augment not in ("none", "light", "affine"):
+        raise UserError(f"augment={augment!r} must be one of: none, light, affine")
+    steps.append(v2.Normalize(mean=list(mean)[:in_chans], std=list(std)[:in_chans]))
+    return v2.Compose(steps)
+
+
+class ArrayImages(Dataset):
+    def __init__(self, images: np.ndarray, targets: np.ndarray, transform, in_chans: int):
+        self.images, self.targets, self.transform, self.in_chans = images, targets, transform, in_chans
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        x = _match_channels(x, self.in_chans)
+        return self.transform(x), self.targets[i]
+
+
+class FileImages(Dataset):
+    """Decoded on the fly; a file that fails now is an error (finetune trains on a scanned, verified list)."""
+
+    def __init__(self, paths: list[str], targets: np.ndarray, transform, in_chans: int, size: int):
+        self.paths, self.targets, self.transform, self.in_chans, self.size = paths, targets, transform, in_chans, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from ..images import load_rgb
+
+        im = load_rgb(self.paths[i], min_size=self.size)
+        x = torch.from_numpy(np.array(im)).permute(2, 0, 1)
+        return self.transform(_match_channels(x, self.in_chans)), self.targets[i]
+
+
+def _match_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    c = x.shape[0]
+    if c == in_chans:
+        return x
+    if in_chans == 1:
+        return x.float().mean(0, keepdim=True).round().to(torch.uint8)
+    if c == 1:
+        return x.expand(in_chans, -1, -1)
+    raise UserError(f"images have {c} channels, model.in_chans={in_chans}")
+
+
+def split_indices(cfg, src: Source):
+    """[(train idx, val idx, (test images, test targets, test idx), name)] for the configured split."""
+    from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+
+    s = cfg.split
+    n = len(src.targets)
+    strat = src.targets if cfg.task == "classification" else None
+    seed = int(cfg.seed)
+    mode = str(s.mode)
+    if mode == "auto":
+        mode = "own" if src.test_images is not None else "fractions"
+    if mode == "own":
+        if src.test_images is None:
+            raise UserError("split.mode=own: this data has no test part of its own; use fractions or kfold")
+        tr, va = train_test_split(np.arange(n), test_size=float(s.val_fraction), random_state=seed, stratify=strat)
+        return [(tr, va, (src.test_images, src.test_targets, np.arange(len(src.test_targets))), "")]
+    if mode == "fractions":
+        f_tr, f_va, f_te = (float(v) for v in s.fractions)
+        if abs(f_tr + f_va + f_te - 1) > 1e-6:
+            raise UserError(f"split.fractions={list(s.fractions)} must sum to 1 (train, val, test)")
+        rest, te = train_test_split(np.arange(n), test_size=f_te, random_state=seed, stratify=strat)
+        tr, va = train_test_split(rest, test_size=f_va / (f_tr + f_va), random_state=seed,
+                                  stratify=strat[rest] if strat is not None else None)
+        return [(tr, va, (src.images, src.targets, te), "")]
+    if mode == "kfold":
+        k = int(s.folds)
+        splitter = (StratifiedKFold(k, shuffle=True, random_state=seed) if strat is not None
+                    else KFold(k, shuffle=True, random_state=seed))
+        out = []
+        for f, (rest, te) in enumerate(splitter.split(np.zeros(n), strat if strat is not None else None)):
+            tr, va = train_test_split(rest, test_size=float(s.val_fraction), random_state=seed,
+                                      stratify=strat[rest] if strat is not None else None)
+            out.append((tr, va, (src.images, src.targets, te), f"fold {f + 1}/{k}: "))
+        return out
+    raise UserError(f"split.mode={mode!r} must be one of: auto, own, fractions, kfold")

@@ -1,0 +1,177 @@
+"""Serving: a trained classifier with the backbone that made its features, as one MLflow pyfunc model that
+takes image paths; loading train runs back for predict."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from .errors import UserError
+
+PIPELINE = "pipeline"  # the pyfunc model's name in a train run
+EMBEDDINGS_META = "embeddings_meta.json"  # the store's meta.json, logged with each train run
+
+
+class EndToEnd:
+    """Image paths -> predictions, with a fitted classifier pipeline and the meta of the store it was
+    trained on."""
+
+    def __init__(self, classifier, store_meta: dict, top_k: int = 3, batch_size: int = 32,
+                 workers: int | None = 0, device: str = "auto"):
+        from .embedding import backbone_from_meta
+
+        self.classifier = classifier
+        self.meta = store_meta
+        self.top_k = top_k
+        self.batch_size = batch_size
+        self.workers = workers
+        self.device = device
+        self.backbone = backbone_from_meta(store_meta)
+
+    def predict_paths(self, paths: list[str], progress: bool = False) -> pd.DataFrame:
+        from .embedding import embed_paths
+        from .estimators import class_scores
+
+        ex = self.meta.get("extract", {})
+        feats, reasons = embed_paths(self.backbone, paths, batch_size=self.batch_size, workers=self.workers,
+                                     device=self.device, amp=ex.get("amp", "auto"), draft=ex.get("draft", True),
+                                     progress=progress, max_pixels=ex.get("max_pixels"),
+                                     dtype=self.meta.get("dtype"))
+        ok = np.array([not r for r in reasons], dtype=bool)
+        frame = pd.DataFrame({"path": list(map(str, paths)), "prediction": None, "score": np.nan})
+        classes = np.asarray(self.classifier.classes_)
+        k = min(self.top_k, len(classes))
+        for i in range(1, k + 1):
+            frame[f"top{i}_category"], frame[f"top{i}_score"] = None, np.nan
+        if ok.any():
+            X = feats[ok]
+            pred = self.classifier.predict(X)
+            scores = class_scores(self.classifier, X)
+            frame.loc[ok, "prediction"] = pred
+            if scores is not None:
+                order = np.argsort(-scores, axis=1)[:, :k]
+                top = scores[np.arange(len(scores))[:, None], order]
+                frame.loc[ok, "score"] = top[:, 0]
+                for i in range(k):
+                    frame.loc[ok, f"top{i + 1}_category"] = classes[order[:, i]]
+                    frame.loc[ok, f"top{i + 1}_score"] = top[:, i]
+        frame["status"] = np.where(ok, "ok", "failed")
+        frame["reason"] = reasons
+        return frame
+
+
+def _client(cfg: DictConfig):
+    import mlflow
+
+    from .tracking import _prepare_uri
+
+    mlflow.set_tracking_uri(_prepare_uri(str(cfg.mlflow.tracking_uri)))
+    return mlflow.MlflowClient()
+
+
+def load_run(cfg: DictConfig, run_id: str):
+    """(sklearn pipeline, store meta) of a train run, with clear errors."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = _client(cfg)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"run_id={run_id} is not a run in the MLflow store {cfg.mlflow.tracking_uri}; "
+                        "see `mlflow ui` or python -m pinterest_cls.report for run ids") from None
+    if run.data.tags.get("verb") != "train":
+        raise UserError(f"run {run_id} is not a train run (verb={run.data.tags.get('verb')}) and has no classifier")
+    try:
+        model = mlflow.sklearn.load_model(f"runs:/{run_id}/model")
+    except Exception as exc:
+        raise UserError(f"run {run_id} has no loadable model ({str(exc).splitlines()[0][:200]}); "
+                        "re-run its train job") from None
+    try:
+        meta = json.loads(Path(client.download_artifacts(run_id, EMBEDDINGS_META, tempfile.mkdtemp())).read_text())
+    except Exception:
+        raise UserError(f"run {run_id} has no {EMBEDDINGS_META}: it was logged before predict existed; "
+                        "re-run its train job") from None
+    return model, meta
+
+
+class PinterestPyfuncModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc: a DataFrame with column ``path`` (image paths) or ``image`` (bytes, or base64 text) ->
+    DataFrame(prediction, score, top-k categories and scores, status, reason)."""
+
+    def load_context(self, context):
+        import cloudpickle
+
+        with open(context.artifacts["classifier"], "rb") as f:
+            classifier = cloudpickle.load(f)
+        meta = json.loads(Path(context.artifacts["embeddings_meta"]).read_text())
+        self.model = EndToEnd(classifier, meta)
+
+    def predict(self, context, model_input, params=None):
+        frame = pd.DataFrame(model_input)
+        if "path" in frame.columns:
+            return self.model.predict_paths(frame["path"].astype(str).tolist()).drop(columns=["path"])
+        if "image" not in frame.columns:
+            raise ValueError("input needs a column 'path' (image paths) or 'image' (bytes or base64 text)")
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = []
+            for i, value in enumerate(frame["image"]):
+                data = value if isinstance(value, (bytes, bytearray)) else base64.b64decode(str(value))
+                p = os.path.join(tmp, f"{i:06d}")
+                with open(p, "wb") as f:
+                    f.write(data)
+                paths.append(p)
+            return self.model.predict_paths(paths).drop(columns=["path"])
+
+
+def log_pipeline(classifier, store_meta_path: Path, workdir: Path) -> None:
+    """Log the end-to-end pyfunc model into the active MLflow run."""
+    import cloudpickle
+
+    clf_path = workdir / "classifier.pkl"
+    with open(clf_path, "wb") as f:
+        cloudpickle.dump(classifier, f)
+    mlflow.pyfunc.log_model(name=PIPELINE, python_model=PinterestPyfuncModel(),
+                            artifacts={"classifier": str(clf_path), "embeddings_meta": str(store_meta_path)},
+                            pip_requirements=["mlflow", "torch", "timm", "scikit-learn", "faiss-cpu", "pillow"])
+
+
+def collect_inputs(spec: str, image_name: str = "pin_closeup_image.jpg") -> list[str]:
+    """Paths from a folder (images found recursively; a Pinterest export's pins), a text file listing paths
+    (one per line, relative to the file's folder), or a single image."""
+    from .catalog import IMAGE_EXTENSIONS
+
+    p = Path(os.path.expanduser(spec))
+    if not p.exists():
+        raise UserError(f"inputs={spec} does not exist; give a folder, a .txt list of paths, or an image")
+    if p.is_file() and p.suffix.lower() in (".txt", ".lst"):
+        lines = [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        return [str(Path(x) if Path(x).is_absolute() else p.parent / x) for x in lines]
+    if p.is_file():
+        return [str(p)]
+    if any((d / "per_board").is_dir() for d in p.iterdir() if d.is_dir()):
+        return sorted(str(f) for f in p.glob(f"*/per_board/*/*/{image_name}"))
+    return sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in f.relative_to(p).parts))
+
+
+def log_model(model) -> None:
+    """The fitted pipeline via mlflow.sklearn (loads back with mlflow.sklearn.load_model). Pickled with
+    cloudpickle: MLflow's default (skops) refuses classes it does not know, such as our FaissKNN."""
+    import mlflow.sklearn
+    import sklearn
+
+    from . import __version__
+
+    reqs = [f"scikit-learn=={sklearn.__version__}", f"numpy=={np.__version__}", "faiss-cpu", "torch",
+            f"# pinterest_cls=={__version__} (install from the project's repository)"]
+    mlflow.sklearn.log_model(model, name="model", pip_requirements=reqs[:-1],
+                             serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE)
