@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
 
+
 def _conf_dir() -> str:
     """The configs: ``pinterest_cls/conf`` inside an installed wheel, else ``conf/`` at the top of the source
     tree beside the package (a checkout or an editable install)."""

@@ -1,22 +1,27 @@
-"""Classifiers for stored embeddings, all scikit-learn estimators (fit / predict / predict_proba /
-get_params), so they compose with Pipeline, GridSearchCV, clone and joblib.
+"""Every scikit-learn estimator of the package, and the pipeline and grid search built from the config.
 
-The configs in ``conf/classifier/`` instantiate these (or scikit-learn's own LinearSVC, LogisticRegression,
-RandomForestClassifier) with ``_target_``, and give the hyper-parameter grid.
+``FaissKNN`` and ``TorchMLP`` (classifiers) and ``FaissKMeans`` (a clusterer and transformer) are scikit-learn
+estimators: they validate their parameters from ``_parameter_constraints``, check their input with
+``validate_data``, and pass every check of ``sklearn.utils.estimator_checks`` (``tests/test_estimators.py``;
+a check that could not apply would be named, with the reason, in the estimator's ``EXPECTED_FAILED_CHECKS``:
+none is). So they compose with Pipeline, GridSearchCV, clone and joblib. The configs in ``conf/classifier/`` instantiate them (or
+scikit-learn's LinearSVC, LogisticRegression, RandomForestClassifier) with ``_target_``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from numbers import Integral, Real
 
 import hydra
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
-from sklearn.base import BaseEstimator, ClassifierMixin, ClusterMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, ClusterMixin, TransformerMixin
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .errors import UserError
 from .splits import inner_cv
@@ -39,6 +44,14 @@ class FaissKNN(ClassifierMixin, BaseEstimator):
     BLAS matrix product.
     """
 
+    _parameter_constraints = {
+        "k": [Interval(Integral, 1, None, closed="left")],
+        "weights": [StrOptions(set(VOTES))],
+        "temperature": [Interval(Real, 0, None, closed="neither")],
+        "metric": [StrOptions({"ip", "l2"})],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+    }
+
     def __init__(self, k: int = 10, weights: str = "uniform", temperature: float = 0.07, metric: str = "ip",
                  batch_size: int = 4096):
         self.k = k
@@ -47,44 +60,39 @@ class FaissKNN(ClassifierMixin, BaseEstimator):
         self.metric = metric
         self.batch_size = batch_size
 
-    def _validate_params(self):
-        if not isinstance(self.k, (int, np.integer)) or self.k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
-        if self.weights not in VOTES:
-            raise ValueError(f"weights must be one of {VOTES}, got {self.weights!r}")
-        if not self.temperature or self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        if self.metric not in ("ip", "l2"):
-            raise ValueError(f"metric must be 'ip' or 'l2', got {self.metric!r}")
-
     def fit(self, X, y):
         self._validate_params()
-        X, y = check_X_y(X, y, dtype=np.float32)
+        X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         self.classes_, self.y_ = np.unique(y, return_inverse=True)
         self.X_ = np.ascontiguousarray(X, dtype=np.float32)
-        self.n_features_in_ = X.shape[1]
-        self._index = None
+        self._index = self._build_index()
         return self
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop("_index", None)  # rebuilt on demand; faiss indexes do not pickle
+        state.pop("_index", None)  # faiss indexes do not pickle: rebuilt when unpickled
         return state
 
-    def _faiss_index(self):
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "X_" in state:
+            self._index = self._build_index()
+
+    def _build_index(self):
         import faiss
 
-        if getattr(self, "_index", None) is None:
-            index = faiss.IndexFlatIP(self.X_.shape[1]) if self.metric == "ip" else faiss.IndexFlatL2(self.X_.shape[1])
-            index.add(self.X_)
-            self._index = index
+        index = faiss.IndexFlatIP(self.X_.shape[1]) if self.metric == "ip" else faiss.IndexFlatL2(self.X_.shape[1])
+        index.add(self.X_)
+        return index
+
+    def _faiss_index(self):
         return self._index
 
     def kneighbors(self, X, k: int | None = None):
         """(similarities or squared distances, indices) of the k nearest training rows, best first."""
         check_is_fitted(self, "X_")
-        X = np.ascontiguousarray(check_array(X, dtype=np.float32))
+        X = np.ascontiguousarray(validate_data(self, X, dtype=np.float32, reset=False))
         k = min(int(k or self.k), len(self.X_))
         index = self._faiss_index()
         out_d, out_i = [], []
@@ -110,6 +118,7 @@ class FaissKNN(ClassifierMixin, BaseEstimator):
         return votes / votes.sum(axis=1, keepdims=True)
 
     def predict(self, X):
+        check_is_fitted(self)
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
@@ -117,6 +126,18 @@ class TorchMLP(ClassifierMixin, BaseEstimator):
     """One-hidden-layer perceptron in PyTorch (hidden ``hidden``, ReLU, Adam), early stopping on a
     stratified validation slice (best epoch kept), on the GPU when there is one. Seeded: the same data and
     ``random_state`` give the same model on CPU."""
+
+    _parameter_constraints = {
+        "hidden": [Interval(Integral, 1, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "patience": [Interval(Integral, 1, None, closed="left")],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "device": [str],
+        "random_state": [Interval(Integral, 0, None, closed="left")],
+    }
 
     def __init__(self, hidden: int = 200, lr: float = 1e-3, batch_size: int = 64, max_epochs: int = 200,
                  patience: int = 10, validation_fraction: float = 0.1, weight_decay: float = 0.0,
@@ -130,16 +151,6 @@ class TorchMLP(ClassifierMixin, BaseEstimator):
         self.weight_decay = weight_decay
         self.device = device
         self.random_state = random_state
-
-    def _validate_params(self):
-        for name in ("hidden", "batch_size", "max_epochs", "patience"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if not self.lr or self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not 0 < self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
 
     def _device(self):
         import torch
@@ -158,10 +169,9 @@ class TorchMLP(ClassifierMixin, BaseEstimator):
         from sklearn.model_selection import train_test_split
 
         self._validate_params()
-        X, y = check_X_y(X, y, dtype=np.float32)
+        X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
-        self.n_features_in_ = X.shape[1]
         counts = np.bincount(y_idx)
         stratify = y_idx if counts.min() >= 2 and int(len(y) * self.validation_fraction) >= len(counts) else None
         tr, va = train_test_split(np.arange(len(y)), test_size=self.validation_fraction,
@@ -208,7 +218,7 @@ class TorchMLP(ClassifierMixin, BaseEstimator):
         import torch
 
         check_is_fitted(self, "state_")
-        X = check_array(X, dtype=np.float32)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
         device = self._device()
         net = self._net(self.n_features_in_, len(self.classes_))
         net.load_state_dict(self.state_)
@@ -220,6 +230,7 @@ class TorchMLP(ClassifierMixin, BaseEstimator):
         return torch.cat(out).numpy().astype(np.float64)
 
     def predict(self, X):
+        check_is_fitted(self)
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
@@ -237,10 +248,19 @@ def class_scores(estimator, X) -> np.ndarray | None:
     return None
 
 
-class FaissKMeans(ClusterMixin, BaseEstimator):
+class FaissKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     """k-means with faiss: ``n_init`` restarts (the best objective is kept), optionally spherical (centroids
-    renormalised, for L2-normalised features). A scikit-learn estimator: fit / predict / transform, and it
+    renormalised, for L2-normalised features). A scikit-learn clusterer (fit / predict / fit_predict) and
+    transformer, as scikit-learn's KMeans: ``transform`` gives the squared distances to the centroids. It
     pickles (joblib), so new embeddings can be assigned to the clusters later."""
+
+    _parameter_constraints = {
+        "n_clusters": [Interval(Integral, 1, None, closed="left")],
+        "n_init": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "spherical": ["boolean"],
+        "random_state": [Interval(Integral, 0, None, closed="left")],
+    }
 
     def __init__(self, n_clusters: int = 8, n_init: int = 5, max_iter: int = 50, spherical: bool = True,
                  random_state: int = 0):
@@ -253,7 +273,8 @@ class FaissKMeans(ClusterMixin, BaseEstimator):
     def fit(self, X, y=None):
         import faiss
 
-        X = np.ascontiguousarray(check_array(X, dtype=np.float32))
+        self._validate_params()
+        X = np.ascontiguousarray(validate_data(self, X, dtype=np.float32))
         if not 1 <= self.n_clusters <= len(X):
             raise ValueError(f"n_clusters={self.n_clusters} must be between 1 and the number of samples ({len(X)})")
         km = faiss.Kmeans(X.shape[1], int(self.n_clusters), niter=int(self.max_iter), nredo=int(self.n_init),
@@ -262,22 +283,24 @@ class FaissKMeans(ClusterMixin, BaseEstimator):
         km.train(X)
         self.cluster_centers_ = np.asarray(km.centroids, dtype=np.float32)
         self.objective_ = float(km.obj[-1]) if len(km.obj) else float("nan")
-        self.labels_ = self.predict(X)
-        self.n_features_in_ = X.shape[1]
+        self.n_iter_ = int(self.max_iter)  # faiss runs every iteration of each restart
+        self.labels_ = self._assign(X)
         return self
 
     def transform(self, X):
         """Squared Euclidean distances to every centroid."""
         check_is_fitted(self, "cluster_centers_")
-        X = check_array(X, dtype=np.float32)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
         c = self.cluster_centers_
         return (X * X).sum(1, keepdims=True) - 2 * X @ c.T + (c * c).sum(1)[None, :]
 
     def predict(self, X):
+        check_is_fitted(self, "cluster_centers_")
+        return self._assign(np.ascontiguousarray(validate_data(self, X, dtype=np.float32, reset=False)))
+
+    def _assign(self, X: np.ndarray) -> np.ndarray:
         import faiss
 
-        check_is_fitted(self, "cluster_centers_")
-        X = np.ascontiguousarray(check_array(X, dtype=np.float32))
         index = faiss.IndexFlatL2(self.cluster_centers_.shape[1])
         index.add(self.cluster_centers_)
         return index.search(X, 1)[1][:, 0].astype(np.int64)
