@@ -47,8 +47,20 @@ REGISTRY: dict[str, Spec] = {
     "xception": Spec("legacy_xception.tf_in1k", 299),
     "efficientnet_lite0": Spec("tf_efficientnet_lite0.in1k", weights="package:efficientnet_lite0"),
 }
+#: The study's 13 backbones, in its order: the registry's first 13 entries.
+STUDY_BACKBONES: tuple[str, ...] = tuple(REGISTRY)[:13]
 SPECIAL = ("pixels", "timm")
 POOLS = ("timm", "keras_avg")
+
+
+def timm_model_of(bcfg) -> str:
+    """The timm model a backbone config builds: ``backbone.model`` when set, else the registry's."""
+    kind = str(bcfg.get("kind") or bcfg.get("name"))
+    if bcfg.get("model"):
+        return str(bcfg.model)
+    if kind in REGISTRY:
+        return REGISTRY[kind].model
+    raise UserError(f"backbone={kind} needs backbone.model=<a timm model name>, e.g. backbone.model=resnet50")
 
 
 def registered_names() -> list[str]:
@@ -321,12 +333,9 @@ def build_backbone(bcfg) -> Backbone:
                 "pool": "flatten", "dim": dim}
         return Backbone(str(bcfg.name), PixelModel(grayscale).eval(), transform, resize, dim, info)
     if kind == "timm":
-        if not bcfg.get("model"):
-            raise UserError("backbone=timm needs backbone.model=<a timm model name>, e.g. backbone.model=resnet50")
-        model_id, spec = str(bcfg.model), None
+        model_id, spec = timm_model_of(bcfg), None
     elif kind in REGISTRY:
-        spec = REGISTRY[kind]
-        model_id = str(bcfg.get("model") or spec.model)
+        model_id, spec = timm_model_of(bcfg), REGISTRY[kind]
     else:
         raise UserError(f"backbone={kind!r} is not registered; choose one of: {', '.join(registered_names())} "
                         "(backbone=timm backbone.model=<name> takes any timm model)")

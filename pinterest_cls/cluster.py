@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from . import config
 from .errors import UserError, user_errors_exit
 from .estimators import FaissKMeans, projection
-from .evaluation import purity
+from .evaluation import clustering_metrics
 from .plots import scatter_plot
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 def cluster(cfg: DictConfig) -> dict:
     import joblib
-    from sklearn import metrics as skm
     from sklearn.preprocessing import normalize
 
     from .store import open_store
@@ -47,21 +46,9 @@ def cluster(cfg: DictConfig) -> dict:
     km = FaissKMeans(n_clusters=k, n_init=int(c.restarts), max_iter=int(c.iterations), spherical=bool(c.spherical),
                      random_state=seed).fit(X)
     assign = km.labels_
-    metrics = {"objective": km.objective_}
-    if labelled:
-        metrics.update({
-            "nmi": skm.normalized_mutual_info_score(categories, assign),
-            "ari": skm.adjusted_rand_score(categories, assign),
-            "homogeneity": skm.homogeneity_score(categories, assign),
-            "completeness": skm.completeness_score(categories, assign),
-            "purity": purity(categories, assign),
-        })
     rng = np.random.default_rng(seed)
-    sil = rng.choice(len(X), min(len(X), int(c.silhouette_sample)), replace=False)
-    if len(set(assign[sil])) >= 2:
-        metric = "cosine" if c.l2 else "euclidean"
-        metrics["silhouette"] = float(skm.silhouette_score(X[sil], assign[sil], metric=metric, random_state=seed))
-    metrics = {m: float(v) for m, v in metrics.items()}
+    metrics = {"objective": km.objective_, **clustering_metrics(X, assign, categories if labelled else None, rng,
+                                                                int(c.silhouette_sample), bool(c.l2), seed)}
 
     out = config.job_output_dir()
     composition = pd.crosstab(pd.Series(assign, name="cluster"), pd.Series(categories, name="category"))
@@ -79,7 +66,7 @@ def cluster(cfg: DictConfig) -> dict:
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     log.info(f"cluster {cfg.backbone.name}: k={k}, {len(X)} pins, " +
-          ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
+             ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
     for cl, row in composition.iterrows():
         parts = [f"{n} {cat}" for cat, n in row.sort_values(ascending=False).items() if n > 0]
         print(f"  cluster {cl}: " + ", ".join(parts))
@@ -88,22 +75,27 @@ def cluster(cfg: DictConfig) -> dict:
     params = {"backbone": str(cfg.backbone.name), "k": k, "restarts": int(c.restarts), "iterations": int(c.iterations),
               "spherical": bool(c.spherical), "l2": bool(c.l2), "n": len(X), "projection": str(c.projection),
               "embeddings": str(folder), "seed": seed}
+    run_id = _log_run(cfg, f"{cfg.backbone.name}-kmeans{k}", params, metrics, out, model_dir)
+    return {"metrics": metrics, "composition": composition, "model_dir": model_dir, "output_dir": out,
+            "run_id": run_id, "elapsed_s": time.perf_counter() - t0}
+
+
+def _log_run(cfg: DictConfig, name: str, params: dict, metrics: dict, out, model_dir) -> str | None:
     from .tracking import mlflow_run
 
-    tags = {"verb": "cluster", "backbone": str(cfg.backbone.name)}
-    with mlflow_run(cfg, f"{cfg.backbone.name}-kmeans{k}", tags=tags) as run:
-        if run is not None:
-            import mlflow
+    with mlflow_run(cfg, name, tags={"verb": "cluster", "backbone": str(cfg.backbone.name)}) as run:
+        if run is None:
+            return None
+        import mlflow
 
-            mlflow.log_params(params)
-            mlflow.log_metrics(metrics)
-            mlflow.log_artifact(str(out / "composition.csv"))
-            mlflow.log_artifact(str(out / "projection_by_cluster.png"), "plots")
-            mlflow.log_artifact(str(out / "projection_by_category.png"), "plots")
-            mlflow.log_artifact(str(model_dir / "centroids.npy"))
-            mlflow.log_artifact(str(model_dir / "kmeans.joblib"))
-    return {"metrics": metrics, "composition": composition, "model_dir": model_dir, "output_dir": out,
-            "run_id": run.info.run_id if run is not None else None, "elapsed_s": time.perf_counter() - t0}
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(out / "composition.csv"))
+        mlflow.log_artifact(str(out / "projection_by_cluster.png"), "plots")
+        mlflow.log_artifact(str(out / "projection_by_category.png"), "plots")
+        mlflow.log_artifact(str(model_dir / "centroids.npy"))
+        mlflow.log_artifact(str(model_dir / "kmeans.joblib"))
+        return run.info.run_id
 
 
 @hydra.main(config_path=config.CONF_DIR, config_name="cluster", version_base="1.3")

@@ -56,12 +56,26 @@ def select(cfg: DictConfig, key: str):
 
 
 def work_dir(cfg: DictConfig) -> Path:
-    return Path(os.path.expanduser(str(select(cfg, "paths.work")))).resolve()
+    return _path(cfg, "paths.work")
+
+
+def _path(cfg: DictConfig, key: str) -> Path:
+    return Path(os.path.expanduser(str(select(cfg, key)))).resolve()
 
 
 def data_dir(cfg: DictConfig) -> Path:
-    """``${paths.work}/${data.name}``: manifest, categories, scan report and embeddings live here."""
-    return work_dir(cfg) / str(select(cfg, "data.name"))
+    """``paths.data``: the dataset's manifest, categories and scan report live here."""
+    return _path(cfg, "paths.data")
+
+
+def embeddings_dir(cfg: DictConfig, backbone: str | None = None) -> Path:
+    """``paths.embeddings``, or the store of ``backbone`` in it (default: ``backbone.name``)."""
+    root = _path(cfg, "paths.embeddings")
+    return root if backbone == "" else root / str(backbone or select(cfg, "backbone.name"))
+
+
+def report_dir(cfg: DictConfig) -> Path:
+    return _path(cfg, "paths.report")
 
 
 def job_output_dir() -> Path:

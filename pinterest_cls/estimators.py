@@ -1,17 +1,18 @@
 """Every scikit-learn estimator of the package, and the pipeline and grid search built from the config.
 
-``FaissKNN`` and ``TorchMLP`` (classifiers) and ``FaissKMeans`` (a clusterer and transformer) are scikit-learn
-estimators: they validate their parameters from ``_parameter_constraints``, check their input with
-``validate_data``, and pass every check of ``sklearn.utils.estimator_checks`` (``tests/test_estimators.py``;
-a check that could not apply would be named, with the reason, in the estimator's ``EXPECTED_FAILED_CHECKS``:
-none is). So they compose with Pipeline, GridSearchCV, clone and joblib. The configs in ``conf/classifier/`` instantiate them (or
-scikit-learn's LinearSVC, LogisticRegression, RandomForestClassifier) with ``_target_``.
+``FaissKNN`` and ``TorchMLP`` (classifiers) and ``FaissKMeans`` (a clusterer and transformer) are
+scikit-learn estimators. They validate their parameters from ``_parameter_constraints``, check their input
+with ``validate_data``, and pass every check of ``sklearn.utils.estimator_checks`` (``tests/test_estimators.py``).
+A check that could not apply would be named, with the reason, in the estimator's ``EXPECTED_FAILED_CHECKS``;
+none is. So they compose with Pipeline, GridSearchCV, clone and joblib. The configs in ``conf/classifier/``
+instantiate them (or scikit-learn's LinearSVC, LogisticRegression, RandomForestClassifier) with ``_target_``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import hydra
@@ -387,3 +388,58 @@ def fit_grid(cfg: DictConfig, X, y, frame: pd.DataFrame, grouped: bool):
                           refit=True, error_score="raise")
     search.fit(X, y, groups=groups)
     return search, cv_desc, leaky
+
+
+@dataclass
+class FoldResults:
+    """What :func:`fit_and_test` gives back: per-fold test metrics (and the inner CV score), every test pin's
+    prediction, and the grid search whose best estimator is the run's model."""
+
+    fold_metrics: list[dict]
+    predictions: pd.DataFrame
+    search: object
+    cv_desc: str
+    leaky: bool
+
+    @property
+    def best_params(self) -> dict:
+        return {k.removeprefix("clf__"): v for k, v in self.search.best_params_.items()}
+
+
+def fit_and_test(cfg: DictConfig, X: np.ndarray, y: np.ndarray, frame: pd.DataFrame, splits, groups) -> FoldResults:
+    """Grid search on each fold's training side, the best model on its test side; under k-fold the model kept
+    is then refit on every sampled row. The inner CV keeps boards (and boards sharing copies) apart."""
+    from .duplicates import link_boards
+    from .evaluation import board_accuracy, classification_metrics
+    from .splits import board_keys
+
+    fold_metrics, predictions, search, cv_desc, leaky = [], [], None, "", False
+    for f, (tr, te) in enumerate(splits.folds):
+        inner = frame.iloc[tr].reset_index(drop=True)
+        if groups is not None and splits.grouped and "linked" not in inner.columns:
+            # the inner folds keep copies on one side too: boards sharing copies form one group
+            inner["linked"] = link_boards(board_keys(inner), groups[tr])
+        search, cv_desc, leaky = fit_grid(cfg, X[tr], y[tr], inner, splits.grouped)
+        model = search.best_estimator_
+        pred = model.predict(X[te])
+        scores = class_scores(model, X[te])
+        m = classification_metrics(y[te], pred, scores, model.classes_)
+        m["cv_" + str(cfg.train.scoring)] = float(search.best_score_)
+        part = frame.iloc[te][["row", "user", "board", "pin", "path"]].copy()
+        part["truth"], part["prediction"] = y[te], pred
+        part["score"] = scores.max(axis=1) if scores is not None else np.nan
+        if str(cfg.data.layout) == "pinterest":
+            m["board_accuracy"] = board_accuracy(part)
+        if len(splits.folds) > 1:
+            part["fold"] = f
+            log.info(f"  fold {f + 1}/{len(splits.folds)}: accuracy {m['accuracy']:.4f}, "
+                     f"macro F1 {m['f1_macro']:.4f}")
+        fold_metrics.append(m)
+        predictions.append(part)
+    fitted = FoldResults(fold_metrics, pd.concat(predictions, ignore_index=True), search, cv_desc, leaky)
+    if len(splits.folds) > 1:  # k-fold: the logged model is refit on every sampled row
+        everything = frame
+        if groups is not None and splits.grouped and "linked" not in frame.columns:
+            everything = frame.assign(linked=link_boards(board_keys(frame), groups))
+        fitted.search, fitted.cv_desc, fitted.leaky = fit_grid(cfg, X, y, everything, splits.grouped)
+    return fitted

@@ -160,3 +160,39 @@ def fold_mean(per_fold: list[dict], prefix: str) -> dict:
         if len(per_fold) > 1:
             out[prefix + k + "_std"] = float(np.std(vals))
     return out
+
+
+def bootstrap_metrics(preds: pd.DataFrame, boards: np.ndarray | None, n_boot: int, seed: int) -> tuple[dict, str]:
+    """95 % bootstrap intervals of test accuracy and macro F1 from a run's predictions (``truth``,
+    ``prediction``) as metrics, resampling ``boards`` (each prediction's board) when given, else pins; and how
+    they were made."""
+    if not n_boot:
+        return {}, "off"
+    by_board = boards is not None
+    ci = bootstrap_ci(preds["truth"], preds["prediction"], boards, n_boot=n_boot, seed=seed)
+    metrics = {}
+    for key, (low, high) in ci.items():
+        metrics[f"test_{key}_ci_low"], metrics[f"test_{key}_ci_high"] = low, high
+    return metrics, f"95% percentile bootstrap, {n_boot} resamples of the test {'boards' if by_board else 'pins'}"
+
+
+def clustering_metrics(X: np.ndarray, assign: np.ndarray, categories: np.ndarray | None, rng: np.random.Generator,
+                       silhouette_sample: int, cosine: bool, seed: int) -> dict[str, float]:
+    """How clusters match the categories (NMI, ARI, homogeneity, completeness, purity; when ``categories`` is
+    given), and their silhouette on a sample of ``silhouette_sample`` rows (cosine or Euclidean)."""
+    from sklearn import metrics as skm
+
+    out = {}
+    if categories is not None:
+        out.update({
+            "nmi": skm.normalized_mutual_info_score(categories, assign),
+            "ari": skm.adjusted_rand_score(categories, assign),
+            "homogeneity": skm.homogeneity_score(categories, assign),
+            "completeness": skm.completeness_score(categories, assign),
+            "purity": purity(categories, assign),
+        })
+    sil = rng.choice(len(X), min(len(X), silhouette_sample), replace=False)
+    if len(set(assign[sil])) >= 2:
+        metric = "cosine" if cosine else "euclidean"
+        out["silhouette"] = skm.silhouette_score(X[sil], assign[sil], metric=metric, random_state=seed)
+    return {m: float(v) for m, v in out.items()}

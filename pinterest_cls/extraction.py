@@ -96,7 +96,7 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, rows_id: str, manifest_id
 
     torch.manual_seed(int(cfg.extract.seed))  # random-init backbones (pretrained=false) are reproducible
     backbone = build_backbone(bcfg)
-    folder = store_dir(cfg, backbone.name)
+    folder = config.embeddings_dir(cfg, backbone.name)
     index = ok.rename_axis("row").reset_index()[["row", "user", "board", "pin", "category", "path"]]
     ecfg = cfg.extract
     fingerprint = {
@@ -142,6 +142,64 @@ class ShardDone:
     shard_name: str
 
 
+@dataclass
+class RunSettings:
+    """An extraction run's validated settings and this job's shard of the rows."""
+
+    device: torch.device
+    amp: torch.dtype | None
+    batch_size: int
+    micro_batch: int | None
+    decode: str
+    max_failed: float
+    dtype: str
+    workers: int
+    shard: tuple[int, int]
+    lo: int
+    hi: int
+
+    @property
+    def shard_name(self) -> str:
+        return f"shard {self.shard[0]}/{self.shard[1]} rows [{self.lo}, {self.hi})"
+
+
+def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
+    """``extract.*`` checked, each bad value a one-line error naming its key; sets ``extract.threads``."""
+    from .data import default_workers
+
+    ecfg = cfg.extract
+    device = resolve_device(str(ecfg.device))
+    batch_size = int(ecfg.batch_size)
+    if batch_size < 1:
+        raise UserError(f"extract.batch_size={batch_size} must be >= 1")
+    micro_batch = config.select(cfg, "extract.micro_batch")
+    micro_batch = None if micro_batch is None or int(micro_batch) >= batch_size else int(micro_batch)
+    if micro_batch is not None and micro_batch < 1:
+        raise UserError(f"extract.micro_batch={micro_batch} must be >= 1 (or null for the whole batch)")
+    decode = str(config.select(cfg, "extract.decode"))
+    if decode not in ("cpu", "gpu"):
+        raise UserError(f"extract.decode={decode!r} must be cpu (workers decode) or gpu (nvJPEG on the device)")
+    if decode == "gpu" and device.type != "cuda":
+        raise UserError(f"extract.decode=gpu needs a CUDA device, but extract.device={ecfg.device} resolved to "
+                        f"{device}; use extract.decode=cpu")
+    max_failed = float(config.select(cfg, "extract.max_failed_fraction"))
+    if not 0.0 <= max_failed <= 1.0:
+        raise UserError(f"extract.max_failed_fraction={max_failed} must be between 0 and 1")
+    dtype = str(cfg.store.dtype)
+    if dtype not in ("float16", "float32"):
+        raise UserError(f"store.dtype={dtype!r} must be float16 or float32")
+    threads = config.select(cfg, "extract.threads")
+    if threads is not None:
+        if int(threads) < 1:
+            raise UserError(f"extract.threads={threads} must be >= 1 (or null for PyTorch's default)")
+        torch.set_num_threads(int(threads))
+    shard = (int(ecfg.shard.index), int(ecfg.shard.count))
+    lo, hi = shard_range(n_rows, batch_size, *shard)
+    workers = default_workers() if ecfg.workers is None else int(ecfg.workers)
+    return RunSettings(device, resolve_amp(ecfg.amp, device), batch_size, micro_batch, decode, max_failed, dtype,
+                       workers, shard, lo, hi)
+
+
 def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True,
                  on_done: Callable[[ShardDone], None] | None = None,
                  on_batch: Callable[[int], None] | None = None) -> dict[str, dict]:
@@ -151,79 +209,71 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
     ``on_done(ShardDone)`` is called for each backbone once its store is finalized, before the failure check
     may stop the run (so what was written is reported first). ``on_batch(n)`` is called after the n-th batch's
     rows are written and before they are committed: where a test injects a crash."""
-    from tqdm.auto import tqdm
+    _, ok = ok_rows(cfg)
+    s = run_settings(cfg, len(ok))
+    metas, jobs = _open_jobs(cfg, bcfgs, ok, s)
+    if jobs:
+        clock, gpu = _stream(cfg, ok, jobs, s, progress, on_batch)
+        metas.update(_finish(jobs, s, clock, gpu, on_done))
+        for job in jobs:  # after every store has committed and reported: nothing written is lost
+            _check_failures(job.backbone.name, job.failures, s.lo, s.hi, s.shard_name, s.max_failed)
+    return metas
 
-    from .data import PinDataset, default_workers, make_loader
-    from .gpu_decode import GpuDecoder
 
-    ecfg = cfg.extract
-    manifest, ok = ok_rows(cfg)
-    device = resolve_device(str(ecfg.device))
-    amp = resolve_amp(ecfg.amp, device)
-    batch_size = int(ecfg.batch_size)
-    if batch_size < 1:
-        raise UserError(f"extract.batch_size={batch_size} must be >= 1")
-    micro_batch = OmegaConf.select(cfg, "extract.micro_batch", default=None)
-    micro_batch = None if micro_batch is None or int(micro_batch) >= batch_size else int(micro_batch)
-    if micro_batch is not None and micro_batch < 1:
-        raise UserError(f"extract.micro_batch={micro_batch} must be >= 1 (or null for the whole batch)")
-    decode = str(OmegaConf.select(cfg, "extract.decode", default="cpu"))
-    if decode not in ("cpu", "gpu"):
-        raise UserError(f"extract.decode={decode!r} must be cpu (workers decode) or gpu (nvJPEG on the device)")
-    if decode == "gpu" and device.type != "cuda":
-        raise UserError(f"extract.decode=gpu needs a CUDA device, but extract.device={ecfg.device} resolved to "
-                        f"{device}; use extract.decode=cpu")
-    max_failed = float(OmegaConf.select(cfg, "extract.max_failed_fraction", default=1.0))
-    if not 0.0 <= max_failed <= 1.0:
-        raise UserError(f"extract.max_failed_fraction={max_failed} must be between 0 and 1")
-    dtype = str(cfg.store.dtype)
-    if dtype not in ("float16", "float32"):
-        raise UserError(f"store.dtype={dtype!r} must be float16 or float32")
-    threads = OmegaConf.select(cfg, "extract.threads", default=None)
-    if threads is not None:
-        if int(threads) < 1:
-            raise UserError(f"extract.threads={threads} must be >= 1 (or null for PyTorch's default)")
-        torch.set_num_threads(int(threads))
-    shard = (int(ecfg.shard.index), int(ecfg.shard.count))
-    lo, hi = shard_range(len(ok), batch_size, *shard)
-    shard_name = f"shard {shard[0]}/{shard[1]} rows [{lo}, {hi})"
-
+def _open_jobs(cfg: DictConfig, bcfgs: list[DictConfig], ok, s: RunSettings) -> tuple[dict[str, dict], list[_Job]]:
+    """Open each backbone's store: a store whose shard is done gives its meta, the others a job that resumes
+    at their last commit."""
     metas: dict[str, dict] = {}
     jobs: list[_Job] = []
     rows_id, manifest_id = rows_sha256(ok), file_sha256(config.data_dir(cfg) / MANIFEST)
     for bcfg in bcfgs:
-        backbone, store, folder = _open_store(cfg, bcfg, ok, rows_id, manifest_id, amp, batch_size, dtype,
-                                              decode, micro_batch)
-        record = store.progress(lo, hi)
-        if record["done"] >= hi:
-            log.info(f"{backbone.name}: {shard_name} already done.")
+        backbone, store, folder = _open_store(cfg, bcfg, ok, rows_id, manifest_id, s.amp, s.batch_size, s.dtype,
+                                              s.decode, s.micro_batch)
+        record = store.progress(s.lo, s.hi)
+        if record["done"] >= s.hi:
+            log.info(f"{backbone.name}: {s.shard_name} already done.")
             metas[backbone.name] = store.finalize()
-            _check_failures(backbone.name, record["failures"], lo, hi, shard_name, max_failed)
+            _check_failures(backbone.name, record["failures"], s.lo, s.hi, s.shard_name, s.max_failed)
             continue
-        if record["done"] > lo:
-            log.info(f"{backbone.name}: resuming {shard_name} at row {record['done']} "
-                  f"({record['done'] - lo} rows already committed).")
+        if record["done"] > s.lo:
+            log.info(f"{backbone.name}: resuming {s.shard_name} at row {record['done']} "
+                     f"({record['done'] - s.lo} rows already committed).")
         # an earlier run that ran out of memory went on with smaller micro-batches: so does this one
-        runner = Runner(prepare_model(backbone.model, device, bool(ecfg.channels_last), bool(ecfg.compile)),
-                        device, amp, bool(ecfg.channels_last), record.get("micro_batch", micro_batch))
+        channels_last = bool(cfg.extract.channels_last)
+        runner = Runner(prepare_model(backbone.model, s.device, channels_last, bool(cfg.extract.compile)),
+                        s.device, s.amp, channels_last, record.get("micro_batch", s.micro_batch))
         jobs.append(_Job(backbone, store, folder, record, runner))
-    if not jobs:
-        return metas
+    return metas, jobs
 
-    workers = default_workers() if ecfg.workers is None else int(ecfg.workers)
+
+@dataclass
+class _Clock:
+    start: float  # when streaming began
+    first: float | None = None  # when the first batch was done: the steady rate leaves out worker start-up
+    first_size: int = 0
+    ready: float = 0.0  # when the last batch was done
+
+
+def _stream(cfg: DictConfig, ok, jobs: list[_Job], s: RunSettings, progress: bool,
+            on_batch: Callable[[int], None] | None):
+    """Decode the shard's pins once, run every job's model on each batch, write the rows and commit."""
+    from tqdm.auto import tqdm
+
+    from .data import PinDataset, make_loader
+    from .gpu_decode import GpuDecoder
+
     first = min(job.start for job in jobs)
-    dataset = PinDataset(ok["path"].tolist(), range(first, hi), [j.backbone.transform for j in jobs],
-                         [j.backbone.resize_size for j in jobs], draft=bool(ecfg.draft),
-                         max_pixels=int(cfg.scan.max_pixels), encoded=decode == "gpu")
-    gpu = GpuDecoder(dataset, [j.backbone for j in jobs], device) if decode == "gpu" else None
-    loader = make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
-    commit_every = max(1, int(ecfg.commit_every))
+    dataset = PinDataset(ok["path"].tolist(), range(first, s.hi), [j.backbone.transform for j in jobs],
+                         [j.backbone.resize_size for j in jobs], draft=bool(cfg.extract.draft),
+                         max_pixels=int(cfg.scan.max_pixels), encoded=s.decode == "gpu")
+    gpu = GpuDecoder(dataset, [j.backbone for j in jobs], s.device) if s.decode == "gpu" else None
+    loader = make_loader(dataset, s.batch_size, s.workers, pin_memory=s.device.type == "cuda")
+    commit_every = max(1, int(cfg.extract.commit_every))
     names = ", ".join(j.backbone.name for j in jobs)
-    t_start = time.perf_counter()
-    t_first = None  # when the first batch was done: the steady rate leaves out worker start-up
-    bar = tqdm(total=hi - first, desc=f"extract {names if len(jobs) < 4 else f'{len(jobs)} backbones'}",
+    clock = _Clock(time.perf_counter())
+    bar = tqdm(total=s.hi - first, desc=f"extract {names if len(jobs) < 4 else f'{len(jobs)} backbones'}",
                unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
-    t_ready = time.perf_counter()
+    clock.ready = time.perf_counter()
     for n, (rows, pixels, failed) in enumerate(loader, start=1):
         t_batch = time.perf_counter()
         if gpu is not None:
@@ -240,43 +290,49 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
             for row, reason in failed:
                 array[row] = 0  # a failed row holds zeros, whatever an interrupted run left there
                 job.failures[str(row)] = reason
-            job.timings.append((job.batches, size, t_batch - t_ready, time.perf_counter() - t_job))
+            job.timings.append((job.batches, size, t_batch - clock.ready, time.perf_counter() - t_job))
             job.done += size
             job.batches += 1
         bar.update(size)
         if on_batch is not None:
             on_batch(n)
         for job in jobs:
-            if job.done > job.start and (n % commit_every == 0 or job.done >= hi):
-                elapsed = job.record["elapsed_s"] + time.perf_counter() - t_start
-                job.store.commit({"lo": lo, "hi": hi, "done": job.done, "failures": job.failures,
+            if job.done > job.start and (n % commit_every == 0 or job.done >= s.hi):
+                elapsed = job.record["elapsed_s"] + time.perf_counter() - clock.start
+                job.store.commit({"lo": s.lo, "hi": s.hi, "done": job.done, "failures": job.failures,
                                   "elapsed_s": round(elapsed, 3), "batches": job.batches,
-                                  "shard": list(shard), "micro_batch": job.runner.micro_batch})
-        t_ready = time.perf_counter()
-        if t_first is None:
-            t_first, first_size = t_ready, size
+                                  "shard": list(s.shard), "micro_batch": job.runner.micro_batch})
+        clock.ready = time.perf_counter()
+        if clock.first is None:
+            clock.first, clock.first_size = clock.ready, size
     bar.close()
-    elapsed = time.perf_counter() - t_start
+    return clock, gpu
+
+
+def _finish(jobs: list[_Job], s: RunSettings, clock: _Clock, gpu, on_done) -> dict[str, dict]:
+    """Each store finalized with this run's statistics, and handed to ``on_done``."""
+    metas = {}
+    elapsed = time.perf_counter() - clock.start
+    first = min(job.start for job in jobs)
     for job in jobs:
-        rate = (hi - job.start) / elapsed if elapsed > 0 else float("nan")
-        shard_failed = sum(1 for r in job.failures if lo <= int(r) < hi)
-        steady = (hi - first - first_size) / (t_ready - t_first) if t_first and t_ready > t_first else rate
-        stats = {"images_per_s": rate, "elapsed_s": elapsed, "rows": hi - job.start, "failed": shard_failed,
-                 "images_per_s_after_first_batch": steady, "decode": decode,
+        rate = (s.hi - job.start) / elapsed if elapsed > 0 else float("nan")
+        shard_failed = sum(1 for r in job.failures if s.lo <= int(r) < s.hi)
+        steady = ((s.hi - first - clock.first_size) / (clock.ready - clock.first)
+                  if clock.first and clock.ready > clock.first else rate)
+        stats = {"images_per_s": rate, "elapsed_s": elapsed, "rows": s.hi - job.start, "failed": shard_failed,
+                 "images_per_s_after_first_batch": steady, "decode": s.decode,
                  **({"decoded_on_gpu": gpu.counts["gpu"], "decoded_on_cpu": gpu.counts["cpu"],
                      "jpeg_decoder": gpu.decoder} if gpu else {}),
                  "wait_s": sum(t[2] for t in job.timings), "compute_s": sum(t[3] for t in job.timings),
-                 "micro_batch": job.runner.micro_batch, "workers": workers, "threads": torch.get_num_threads(),
-                 "device": device.type, "amp": str(amp).replace("torch.", "") if amp else "off",
-                 "shard": shard_name, "decoded_for": [j.backbone.name for j in jobs]}
+                 "micro_batch": job.runner.micro_batch, "workers": s.workers, "threads": torch.get_num_threads(),
+                 "device": s.device.type, "amp": str(s.amp).replace("torch.", "") if s.amp else "off",
+                 "shard": s.shard_name, "decoded_for": [j.backbone.name for j in jobs]}
         meta = job.store.finalize({"last_run": {k: round(v, 3) if isinstance(v, float) else v
                                                 for k, v in stats.items()}})
-        tag = f"rows_{lo:010d}_{hi:010d}_from_{job.start:010d}"
+        tag = f"rows_{s.lo:010d}_{s.hi:010d}_from_{job.start:010d}"
         if on_done is not None:
-            on_done(ShardDone(job.backbone, meta, stats, job.timings, job.folder, tag, shard_name))
+            on_done(ShardDone(job.backbone, meta, stats, job.timings, job.folder, tag, s.shard_name))
         metas[job.backbone.name] = meta
-    for job in jobs:  # after every store has committed and reported: nothing written is lost
-        _check_failures(job.backbone.name, job.failures, lo, hi, shard_name, max_failed)
     return metas
 
 
@@ -290,9 +346,3 @@ def _check_failures(name: str, failures: dict, lo: int, hi: int, shard_name: str
                         f"({len(failed) / (hi - lo):.1%} > extract.max_failed_fraction={max_failed:g}): {common}; "
                         "the committed rows are kept: fix the cause and re-run with extract.overwrite=true, or "
                         "accept the failures with a higher extract.max_failed_fraction")
-
-
-def store_dir(cfg: DictConfig, backbone_name: str) -> Path:
-    return config.data_dir(cfg) / "embeddings" / backbone_name
-
-

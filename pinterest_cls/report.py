@@ -48,7 +48,7 @@ def choose_protocol(cfg: DictConfig, runs: pd.DataFrame) -> tuple[str, pd.DataFr
     runs = runs.copy()
     col = "params.protocol"
     runs[col] = runs[col].fillna(NO_PROTOCOL) if col in runs.columns else NO_PROTOCOL
-    wanted = str(OmegaConf.select(cfg, "report.protocol", default="default"))
+    wanted = str(config.select(cfg, "report.protocol"))
     counts = runs[col].value_counts()
     listing = "; ".join(f"'{p}' ({n} runs)" for p, n in counts.items())
     if wanted == "default":
@@ -119,7 +119,7 @@ def report(cfg: DictConfig) -> dict:
     best = best_per_cell(mine, str(cfg.report.select_by))
     # report/ for the dataset's own experiment, report/<experiment>/ for another (e.g. demo-paper_grid)
     experiment = str(cfg.mlflow.experiment)
-    out = config.data_dir(cfg) / "report"
+    out = config.report_dir(cfg)
     if experiment != str(cfg.data.name):
         out = out / experiment
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from . import config
 from .errors import UserError
@@ -230,7 +230,7 @@ def inner_cv(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray, grouped: bool,
     from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, StratifiedKFold
 
     folds = int(cfg.train.cv_folds)
-    inner = str(OmegaConf.select(cfg, "split.inner", default="auto"))
+    inner = str(config.select(cfg, "split.inner"))
     if inner not in ("auto", "stratified"):
         raise UserError(f"split.inner={inner!r} must be auto (by board where the data has boards) or stratified")
     if inner == "auto" and (grouped or has_boards(cfg)):
@@ -254,3 +254,26 @@ def inner_cv(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray, grouped: bool,
     leaky = grouped or has_boards(cfg)
     desc = f"{n}-fold by pin" + (" (split.inner=stratified: board-mates on both sides, leaky)" if leaky else "")
     return StratifiedKFold(n_splits=n, shuffle=True, random_state=seed), None, desc, leaky
+
+
+def split_for_run(cfg: DictConfig, frame: pd.DataFrame, X: np.ndarray, y: np.ndarray
+                  ) -> tuple[Splits, np.ndarray | None, dict]:
+    """The run's split, with repins handled as ``repins.*`` asks: (splits, duplicate group per pin or None,
+    counts for the run's params)."""
+    mode = str(cfg.repins.mode)
+    if mode not in ("drop", "link", "off"):
+        raise UserError(f"repins.mode={mode!r} must be drop, link or off")
+    if mode == "off":
+        if bool(cfg.repins.keep_one):
+            raise UserError("repins.keep_one=true needs the duplicate groups: set repins.mode=drop or link")
+        return make_splits(cfg, frame, y), None, {"repins_mode": "off"}
+    groups, info = find_repins(cfg, frame, X)
+    splits, more = apply_repins(cfg, frame, y, groups)
+    info.update(more)
+    log.info(f"repins: {info['pins_with_copies']} pins in {info['duplicate_groups']} duplicate groups; "
+             f"{info['test_pins_with_train_copy_before']} test pins had a copy in training; "
+             + (f"{info['boards_linked']} boards linked" if info["repins_mode"] == "link"
+                else f"{info['pins_dropped']} training pins dropped")
+             + (f"; {info['pins_deduplicated']} further copies dropped to keep one per group and side"
+                if "pins_deduplicated" in info else ""))
+    return splits, groups, info

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import config
 from .errors import UserError, user_errors_exit
-from .store import META, merge_records, read_records, shard_range
+from .store import FINGERPRINT_DEFAULTS, META, merge_records, read_records, shard_range
 
 
 def rerun_command(meta: dict, index: int, count: int) -> str:
@@ -31,9 +31,13 @@ def rerun_command(meta: dict, index: int, count: int) -> str:
         args = [f"backbone={bcfg.get('kind', name)}"]
     if meta.get("data_root"):
         args.append(f"data.root={meta['data_root']}")
-    batch = meta.get("extract", {}).get("batch_size", 64)
-    if batch != 64:
-        args.append(f"extract.batch_size={batch}")
+    # the store's own settings, whatever the defaults are now: the shard boundaries depend on the batch size
+    recorded = meta.get("extract", {})
+    args.append(f"extract.batch_size={recorded.get('batch_size') or meta['fingerprint']['batch_size']}")
+    if recorded.get("micro_batch") is not None:
+        args.append(f"extract.micro_batch={recorded['micro_batch']}")
+    if recorded.get("decode", FINGERPRINT_DEFAULTS["decode"]) != "cpu":
+        args.append(f"extract.decode={recorded['decode']}")
     args += [f"extract.shard.count={count}", f"extract.shard.index={index}"]
     return "python -m pinterest_cls.extract " + " ".join(shlex.quote(a) for a in args)
 
@@ -79,7 +83,7 @@ def _shard_entry(meta, index, count, lo, hi, rec) -> dict:
 def status(cfg: DictConfig) -> list[dict]:
     from .extraction import backbone_configs
 
-    root = config.data_dir(cfg) / "embeddings"
+    root = config.embeddings_dir(cfg, "")
     if OmegaConf.select(cfg, "backbones", default=None):
         names = [str(b.name) for b in backbone_configs(cfg)]
     else:

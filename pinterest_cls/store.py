@@ -203,21 +203,14 @@ def extract_command(cfg: DictConfig) -> str:
     parts = ["python -m pinterest_cls.extract"]
     parts.append(f"backbone=timm backbone.model={b.model}" if b.get("kind") == "timm" else f"backbone={b.name}")
     if cfg.data.root:
-        parts.append(f"data.root={cfg.data.root}")
-        if cfg.data.layout != "pinterest":
-            parts.append(f"data.layout={cfg.data.layout}")
-    if str(cfg.paths.work) != "./work":
-        parts.append(f"paths.work={cfg.paths.work}")
+        parts.append(f"data.root={cfg.data.root} data.layout={cfg.data.layout}")
+    parts.append(f"paths.work={config.work_dir(cfg)}")
     return " ".join(parts)
-
-
-def embeddings_folder(cfg: DictConfig) -> Path:
-    return config.data_dir(cfg) / "embeddings" / str(cfg.backbone.name)
 
 
 def open_store(cfg: DictConfig):
     """(embeddings memory-mapped, index, meta, folder) for this config's backbone, with clear errors."""
-    folder = embeddings_folder(cfg)
+    folder = config.embeddings_dir(cfg)
     if not (folder / META).is_file():
         raise UserError(f"no embeddings for backbone {cfg.backbone.name} in {folder}; "
                         f"run first: {extract_command(cfg)}")

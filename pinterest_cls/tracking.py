@@ -100,7 +100,7 @@ def experiment_id(cfg: DictConfig) -> str:
 def mlflow_run(cfg: DictConfig, run_name: str, tags: dict | None = None):
     """An MLflow run for this job, or ``None`` when ``mlflow.enabled=false``. The resolved config is logged.
     Open it when the job's results are ready: on a SQLite store it holds the store's lock while open."""
-    if not bool(OmegaConf.select(cfg, "mlflow.enabled", default=True)):
+    if not bool(config.select(cfg, "mlflow.enabled")):
         yield None
         return
     import mlflow

@@ -93,3 +93,13 @@ def test_the_rule_sees_imports_inside_functions(tmp_path):
     fake.write_text("import numpy\n\ndef f():\n    from ..train import train\n    from .. import extract\n"
                     "    import pinterest_cls.search\n    from .data import Source\n")
     assert imports_of(fake, "finetuning.loop") == {"train", "extract", "search", "finetuning.data"}
+
+
+def test_no_function_is_longer_than_60_lines():
+    """Long functions are split into named pieces (README, "Architecture")."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{module_name(path)}.{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, f"split these into named pieces: {long}"

@@ -9,7 +9,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from pinterest_cls import backbones
-from pinterest_cls.backbones import REGISTRY, build_backbone
+from pinterest_cls.backbones import REGISTRY, build_backbone, timm_model_of
 from pinterest_cls.errors import UserError
 
 from .conftest import make_cfg
@@ -24,13 +24,14 @@ def bcfg(name, **kw):
 def test_every_registered_backbone_has_a_config_and_a_timm_model():
     for name, spec in REGISTRY.items():
         cfg = bcfg(name)
-        assert cfg.name == name and cfg.model == spec.model
+        assert cfg.name == name and cfg.model is None and timm_model_of(cfg) == spec.model  # one source: REGISTRY
         assert timm.is_model(spec.model) and spec.model in timm.list_pretrained(spec.model.split(".")[0] + "*")
-    sizes = {n: bcfg(n).image_size for n in REGISTRY if n.startswith("efficientnet_v2")}
+    assert timm_model_of(bcfg("xception", model="legacy_xception.tf_in1k")) == "legacy_xception.tf_in1k"
+    sizes = {n: REGISTRY[n].image_size for n in REGISTRY if n.startswith("efficientnet_v2")}
     assert sizes == {"efficientnet_v2_b0": 224, "efficientnet_v2_b1": 240, "efficientnet_v2_b2": 260,
                      "efficientnet_v2_b3": 300, "efficientnet_v2_s": 384, "efficientnet_v2_m": 480,
                      "efficientnet_v2_l": 480}
-    assert bcfg("xception").image_size == 299
+    assert REGISTRY["xception"].image_size == 299
 
 
 def test_efficientnet_lite0_real_weights_classify_sample_photos():

@@ -1,6 +1,7 @@
 """The package installs as a wheel with its configs inside, and a verb runs from outside the repository."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,9 +16,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_wheel_ships_the_configs_and_a_verb_runs_from_anywhere(tmp_path):
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info/ beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    for name in ("pinterest_cls", "conf"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path / "dist"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(dist), str(REPO)], capture_output=True, text=True, timeout=300)
+                            "-w", str(dist), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     (wheel,) = dist.glob("pinterest_cls-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

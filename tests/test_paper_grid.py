@@ -4,13 +4,12 @@ grid (experiment=paper_grid_tiny), and the full grid's config for every verb."""
 import pandas as pd
 from omegaconf import OmegaConf
 
+from pinterest_cls.backbones import STUDY_BACKBONES, timm_model_of
 from pinterest_cls.extraction import backbone_configs
 
 from .conftest import make_cfg, run_verb
 
-STUDY = ["convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "convnext_xlarge",
-         "efficientnet_v2_b0", "efficientnet_v2_b1", "efficientnet_v2_b2", "efficientnet_v2_b3",
-         "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l", "xception"]
+STUDY = list(STUDY_BACKBONES)
 
 
 def test_paper_grid_config_for_every_verb():
@@ -20,7 +19,7 @@ def test_paper_grid_config_for_every_verb():
         assert cfg.mlflow.experiment == "pins-paper_grid"
         assert cfg.hydra.sweeper.params.backbone == ",".join(cfg.grid.backbones)
     bcfgs = backbone_configs(make_cfg("extract", ["+experiment=paper_grid"]))
-    assert [b.model for b in bcfgs[:13]] == [
+    assert [timm_model_of(b) for b in bcfgs[:13]] == [
         "convnext_tiny.fb_in1k", "convnext_small.fb_in1k", "convnext_base.fb_in22k_ft_in1k",
         "convnext_large.fb_in22k_ft_in1k", "convnext_xlarge.fb_in22k_ft_in1k", "tf_efficientnetv2_b0.in1k",
         "tf_efficientnetv2_b1.in1k", "tf_efficientnetv2_b2.in1k", "tf_efficientnetv2_b3.in1k",

@@ -202,7 +202,8 @@ def test_errors(demo_work, tmp_path):
         in proc.stderr and "Traceback" not in proc.stderr
     with pytest.raises(UserError, match=r"classifier.grid.C=-1 is invalid for LinearSVC"):
         train(train_cfg(demo_work, "classifier.grid.C=[1,-1]", "mlflow.enabled=false"))
-    with pytest.raises(UserError, match=r"classifier.grid.k=0 is invalid for FaissKNN: The .k. parameter of FaissKNN must be an int in the range \[1, inf\)"):
+    with pytest.raises(UserError, match=r"classifier.grid.k=0 is invalid for FaissKNN: "
+                                        r"The .k. parameter of FaissKNN must be an int in the range \[1, inf\)"):
         train(train_cfg(demo_work, "classifier=knn", "classifier.grid.k=[0]", "mlflow.enabled=false"))
     with pytest.raises(UserError, match=r"classifier.grid.gamma: LinearSVC has no parameter 'gamma'"):
         train(train_cfg(demo_work, "+classifier.grid.gamma=[1]", "mlflow.enabled=false"))

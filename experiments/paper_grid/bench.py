@@ -31,11 +31,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from pinterest_cls.backbones import STUDY_BACKBONES
+
 HERE = Path(__file__).resolve().parent
 SIZE = (736, 1100)
-STUDY = ["convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "convnext_xlarge",
-         "efficientnet_v2_b0", "efficientnet_v2_b1", "efficientnet_v2_b2", "efficientnet_v2_b3",
-         "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l", "xception"]
+STUDY = list(STUDY_BACKBONES)
 
 
 def header(n: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,11 +84,47 @@ def _set_trainable(model, head_only: bool):
         p.requires_grad = (id(p) in head_params) or not head_only
 
 
+@dataclass
+class Setup:
+    """One fold's model on its device, with the precision, the loss and the task's score."""
+
+    model: nn.Module
+    info: dict
+    device: torch.device
+    amp: torch.dtype | None
+    channels_last: bool
+    task: str
+    loss_fn: nn.Module
+
+    @property
+    def key(self) -> str:
+        return "accuracy" if self.task == "classification" else "mae"
+
+
 def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoint: Path):
     """Train on ``train_idx``, early-stop on ``val_idx``, evaluate the best checkpoint on ``test``.
 
     ``test`` is None when the test part is not to be looked at (``evaluate_test=false``, for choosing
     hyper-parameters on the validation slice alone); outputs and targets are then None."""
+    setup, in_chans, size = _setup(cfg, src)
+    train_loader, val_loader, test_loader = _loaders(cfg, src, setup, train_idx, val_idx, test, in_chans, size)
+    history, best_row, best_state, scaler = _train(cfg, setup, train_loader, val_loader, fold_name, checkpoint)
+    setup.model.load_state_dict(best_state)
+    key = setup.key
+    info = {**setup.info, "device": setup.device.type,
+            "amp": str(setup.amp).replace("torch.", "") if setup.amp else "off",
+            "grad_scale": scaler.get_scale() if scaler is not None else None,
+            "best": {"best_epoch": best_row["epoch"], "best_val_loss": best_row["val_loss"],
+                     f"best_val_{key}": best_row[f"val_{key}"]}}
+    if test_loader is None:
+        return history, None, None, info
+    _, _, outs, tgts = run_epoch(setup.model, test_loader, setup.loss_fn, setup.task, setup.device, setup.amp,
+                                 setup.channels_last)
+    return history, outs.numpy(), tgts.numpy(), info
+
+
+def _setup(cfg, src: Source) -> tuple[Setup, int, int]:
+    """The model for the data's classes and channels, on the configured device and precision."""
     task = str(cfg.task)
     classification = task == "classification"
     n_outputs = len(src.classes) if classification else 1
@@ -95,10 +132,9 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
         raise UserError(f"model.num_classes={cfg.model.num_classes} but the data has {n_outputs} classes "
                         f"({', '.join(src.classes[:10])}{' ...' if n_outputs > 10 else ''}); "
                         "set model.num_classes=null or to the data's class count")
-    in_chans = int(cfg.model.in_chans) if cfg.model.in_chans else (
-        src.images.shape[-1] if isinstance(src.images, np.ndarray) else 3)
-    size = int(cfg.image_size) if cfg.image_size else (src.images.shape[1] if isinstance(src.images, np.ndarray)
-                                                       else 224)
+    arrays = isinstance(src.images, np.ndarray)
+    in_chans = int(cfg.model.in_chans) if cfg.model.in_chans else (src.images.shape[-1] if arrays else 3)
+    size = int(cfg.image_size) if cfg.image_size else (src.images.shape[1] if arrays else 224)
     torch.manual_seed(int(cfg.seed))
     model, info = build_model(cfg, in_chans, n_outputs, size)
     device = resolve_device(str(cfg.device), key="device")
@@ -108,17 +144,24 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    o = cfg.optim
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=float(o.label_smoothing)) if classification else nn.MSELoss()
+    return Setup(model, info, device, amp, channels_last, task, loss_fn), in_chans, size
 
+
+def _loaders(cfg, src: Source, setup: Setup, train_idx, val_idx, test, in_chans: int, size: int):
+    """(train, validation, test or None) loaders; only the training one augments and shuffles (seeded)."""
     def dataset(idx, images, targets, train):
         square = isinstance(images, np.ndarray) and images.shape[1] == images.shape[2]
-        t = make_transform(str(cfg.augment) if train else "none", size, in_chans, info["mean"], info["std"],
-                           cfg.augment_params, train, source_size=images.shape[1] if square else None)
+        t = make_transform(str(cfg.augment) if train else "none", size, in_chans, setup.info["mean"],
+                           setup.info["std"], cfg.augment_params, train,
+                           source_size=images.shape[1] if square else None)
         if isinstance(images, np.ndarray):
             return ArrayImages(images[idx], targets[idx], t, in_chans)
         return FileImages([images[i] for i in idx], targets[idx], t, in_chans, size)
 
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    kw = dict(batch_size=int(cfg.batch_size), workers=int(cfg.workers), pin_memory=device.type == "cuda",
+    kw = dict(batch_size=int(cfg.batch_size), workers=int(cfg.workers), pin_memory=setup.device.type == "cuda",
               prefetch_factor=2)
     train_loader = make_loader(dataset(train_idx, src.images, src.targets, True), shuffle=True, generator=gen,
                                drop_last=len(train_idx) > int(cfg.batch_size), **kw)
@@ -127,9 +170,14 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
     if test is not None:
         test_images, test_targets, test_idx = test
         test_loader = make_loader(dataset(test_idx, test_images, test_targets, False), **kw)
+    return train_loader, val_loader, test_loader
 
-    o = cfg.optim
-    loss_fn = (nn.CrossEntropyLoss(label_smoothing=float(o.label_smoothing)) if classification else nn.MSELoss())
+
+def _train(cfg, setup: Setup, train_loader, val_loader, fold_name: str, checkpoint: Path):
+    """The epochs: AdamW with warm-up and cosine decay, an optional linear probe first, early stopping on the
+    validation slice; the best epoch's weights saved to ``checkpoint``. (history, best row, best state,
+    GradScaler or None)."""
+    o, model = cfg.optim, setup.model
     epochs = int(cfg.epochs)
     probe = min(int(cfg.linear_probe_epochs), epochs)
     if probe and cfg.model.kind == "simple_cnn":
@@ -137,24 +185,24 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
     steps = epochs * max(1, len(train_loader))
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(o.lr), weight_decay=float(o.weight_decay))
     scheduler = cosine_with_warmup(optimizer, int(float(o.warmup_epochs) * len(train_loader)), steps)
-    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    scaler = torch.amp.GradScaler(setup.device.type) if setup.amp == torch.float16 else None
     history, best, best_state, best_row, stale = [], math.inf, None, None, 0
-    monitor = str(cfg.early_stopping.monitor)
-    key = "accuracy" if classification else "mae"
+    monitor, key = str(cfg.early_stopping.monitor), setup.key
+    run = dict(loss_fn=setup.loss_fn, task=setup.task, device=setup.device, amp=setup.amp,
+               channels_last=setup.channels_last)
     for epoch in range(epochs):
         _set_trainable(model, head_only=epoch < probe)
         t0 = time.perf_counter()
-        tr_loss, tr_score, _, _ = run_epoch(model, train_loader, loss_fn, task, device, amp, channels_last, optimizer,
-                                            scheduler, scaler, float(o.grad_clip),
-                                            desc=f"{fold_name}epoch {epoch + 1}/{epochs}" + (" (probe)" if epoch < probe
-                                                                                          else ""))
-        va_loss, va_score, _, _ = run_epoch(model, val_loader, loss_fn, task, device, amp, channels_last)
+        desc = f"{fold_name}epoch {epoch + 1}/{epochs}" + (" (probe)" if epoch < probe else "")
+        tr_loss, tr_score, _, _ = run_epoch(model, train_loader, optimizer=optimizer, scheduler=scheduler,
+                                            scaler=scaler, grad_clip=float(o.grad_clip), desc=desc, **run)
+        va_loss, va_score, _, _ = run_epoch(model, val_loader, **run)
         row = {"epoch": epoch + 1, "train_loss": tr_loss, f"train_{key}": tr_score, "val_loss": va_loss,
                f"val_{key}": va_score, "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
         history.append(row)
         log.info(f"{fold_name}epoch {epoch + 1}/{epochs}: train loss {tr_loss:.4f} {key} {tr_score:.4f} | "
-              f"val loss {va_loss:.4f} {key} {va_score:.4f} ({row['seconds']:.0f} s)")
-        value = va_loss if monitor == "val_loss" else (-va_score if classification else va_score)
+                 f"val loss {va_loss:.4f} {key} {va_score:.4f} ({row['seconds']:.0f} s)")
+        value = va_loss if monitor == "val_loss" else (-va_score if setup.task == "classification" else va_score)
         if value < best - 1e-6:
             best, stale, best_row = value, 0, row
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -164,15 +212,7 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
             if stale >= int(cfg.early_stopping.patience):
                 log.info(f"{fold_name}early stop: no improvement of {monitor} for {stale} epochs")
                 break
-    model.load_state_dict(best_state)
-    info = {**info, "device": device.type, "amp": str(amp).replace("torch.", "") if amp else "off",
-            "grad_scale": scaler.get_scale() if scaler is not None else None,
-            "best": {"best_epoch": best_row["epoch"], "best_val_loss": best_row["val_loss"],
-                     f"best_val_{key}": best_row[f"val_{key}"]}}
-    if test_loader is None:
-        return history, None, None, info
-    _, _, outs, tgts = run_epoch(model, test_loader, loss_fn, task, device, amp, channels_last)
-    return history, outs.numpy(), tgts.numpy(), info
+    return history, best_row, best_state, scaler
 
 
 def evaluate_outputs(task, outs, tgts, classes) -> dict:
@@ -183,3 +223,35 @@ def evaluate_outputs(task, outs, tgts, classes) -> dict:
     probs = torch.softmax(torch.from_numpy(outs), 1).numpy()
     names = np.asarray(classes)
     return classification_metrics(names[tgts], names[probs.argmax(1)], probs, names)
+
+
+@dataclass
+class FoldRuns:
+    """Every fold's curves and best-epoch validation scores, and (when the test part is looked at) its test
+    metrics, outputs and targets; ``info`` is the last fold's (model, weights, device, precision)."""
+
+    histories: list = field(default_factory=list)
+    best: list = field(default_factory=list)
+    test_metrics: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    targets: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+def fit_folds(cfg, src: Source, folds: list, out: Path, look_at_test: bool) -> FoldRuns:
+    """:func:`fit_one` on each fold of :func:`split_indices`, each best checkpoint saved in ``out``."""
+    runs = FoldRuns()
+    for f, (tr, va, test, name) in enumerate(folds):
+        ckpt = out / (f"fold{f + 1}_best.pt" if len(folds) > 1 else "model_best.pt")
+        h, outs, tgts, runs.info = fit_one(cfg, src, tr, va, test if look_at_test else None, name, ckpt)
+        runs.histories.append(h)
+        runs.best.append(runs.info["best"])
+        if not look_at_test:
+            continue
+        runs.test_metrics.append(evaluate_outputs(str(cfg.task), outs, tgts, src.classes))
+        runs.outputs.append(outs)
+        runs.targets.append(tgts)
+        if len(folds) > 1:
+            log.info(f"{name}" + ", ".join(f"{k} {v:.4f}" for k, v in runs.test_metrics[-1].items()
+                                         if k in ("accuracy", "f1_macro", "mse", "mae")))
+    return runs
