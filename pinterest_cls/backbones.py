@@ -318,27 +318,33 @@ def make_transform(input_size: int, crop_pct: float, interpolation: str, crop_mo
 
 
 def build_backbone(bcfg) -> Backbone:
-    """Build the backbone described by the ``backbone`` config group (see conf/backbone/)."""
+    """Build the backbone described by the ``backbone`` config group (see conf/backbone/): ``backbone.kind`` is
+    looked up in :data:`KINDS`, where every registered name builds its timm model."""
     kind = str(bcfg.get("kind") or bcfg.get("name"))
     pool = str(bcfg.get("pool") or "timm")
     if pool not in POOLS:
         raise UserError(f"backbone.pool={pool!r} must be one of: {', '.join(POOLS)}")
-    if kind == "pixels":
-        size = int(bcfg.get("image_size") or 32)
-        grayscale = bool(bcfg.get("grayscale", False))
-        transform, resize = make_transform(size, 1.0, "bilinear", crop_mode="squash")
-        dim = size * size * (1 if grayscale else 3)
-        info = {"backbone": bcfg.name, "timm_id": None, "weights": "none (raw pixels)", "weights_sha256": None,
-                "input_size": size, "grayscale": grayscale, "crop_pct": 1.0, "interpolation": "bilinear",
-                "pool": "flatten", "dim": dim}
-        return Backbone(str(bcfg.name), PixelModel(grayscale).eval(), transform, resize, dim, info)
-    if kind == "timm":
-        model_id, spec = timm_model_of(bcfg), None
-    elif kind in REGISTRY:
-        model_id, spec = timm_model_of(bcfg), REGISTRY[kind]
-    else:
+    if kind not in KINDS:
         raise UserError(f"backbone={kind!r} is not registered; choose one of: {', '.join(registered_names())} "
                         "(backbone=timm backbone.model=<name> takes any timm model)")
+    return KINDS[kind](bcfg, pool)
+
+
+def _pixels(bcfg, pool: str) -> Backbone:
+    size = int(bcfg.image_size)
+    grayscale = bool(bcfg.get("grayscale", False))
+    transform, resize = make_transform(size, 1.0, "bilinear", crop_mode="squash")
+    dim = size * size * (1 if grayscale else 3)
+    info = {"backbone": bcfg.name, "timm_id": None, "weights": "none (raw pixels)", "weights_sha256": None,
+            "input_size": size, "grayscale": grayscale, "crop_pct": 1.0, "interpolation": "bilinear",
+            "pool": "flatten", "dim": dim}
+    return Backbone(str(bcfg.name), PixelModel(grayscale).eval(), transform, resize, dim, info)
+
+
+def _timm(bcfg, pool: str) -> Backbone:
+    """Any timm model (``kind: timm``) or a registered one (its :class:`Spec` gives the defaults)."""
+    spec = REGISTRY.get(str(bcfg.get("kind") or bcfg.get("name")))
+    model_id = timm_model_of(bcfg)
     model, weights_info = _create_timm(model_id, bcfg, spec)
     model.eval()
 
@@ -357,3 +363,7 @@ def build_backbone(bcfg) -> Backbone:
             "mean": list(map(float, data_cfg["mean"])), "std": list(map(float, data_cfg["std"])),
             "pool": pool, "dim": dim}
     return Backbone(str(bcfg.name), feature_model, transform, resize, dim, info)
+
+
+#: ``backbone.kind`` -> its builder: the raw-pixel baseline, any timm model, and every registered backbone.
+KINDS = {"pixels": _pixels, "timm": _timm, **{name: _timm for name in REGISTRY}}

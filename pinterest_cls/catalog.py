@@ -182,22 +182,35 @@ def walk_table(file: Path, reject: list[str], columns: dict) -> Walk:
     return walk
 
 
+def _folder(root: Path, layout: str) -> Path:
+    if not root.is_dir():
+        raise UserError(f"data.root={root} is not a folder (data.layout={layout} expects one)")
+    return root
+
+
+def _walk_pinterest(root: Path, reject: list[str], data_cfg) -> Walk:
+    return walk_pinterest(_folder(root, "pinterest"), reject, data_cfg.image_name)
+
+
+def _walk_imagefolder(root: Path, reject: list[str], data_cfg) -> Walk:
+    return walk_imagefolder(_folder(root, "imagefolder"), reject)
+
+
+def _walk_csv(root: Path, reject: list[str], data_cfg) -> Walk:
+    if not root.is_file():
+        raise UserError(f"data.root={root} is not a file (data.layout=csv expects a CSV or parquet file)")
+    columns = {k: data_cfg.get(k) for k in ("path_column", "label_column", "user_column", "board_column", "pin_column")}
+    return walk_table(root, reject, columns)
+
+
+#: ``data.layout`` -> the walker that lists its candidate pins.
+WALKERS = {"pinterest": _walk_pinterest, "imagefolder": _walk_imagefolder, "csv": _walk_csv}
+
+
 def walk_export(root: Path, layout: str, reject: list[str], data_cfg) -> Walk:
-    if layout == "pinterest":
-        if not root.is_dir():
-            raise UserError(f"data.root={root} is not a folder (data.layout=pinterest expects one)")
-        return walk_pinterest(root, reject, data_cfg.get("image_name", "pin_closeup_image.jpg"))
-    if layout == "imagefolder":
-        if not root.is_dir():
-            raise UserError(f"data.root={root} is not a folder (data.layout=imagefolder expects one)")
-        return walk_imagefolder(root, reject)
-    if layout == "csv":
-        if not root.is_file():
-            raise UserError(f"data.root={root} is not a file (data.layout=csv expects a CSV or parquet file)")
-        columns = {k: data_cfg.get(k) for k in
-                   ("path_column", "label_column", "user_column", "board_column", "pin_column")}
-        return walk_table(root, reject, columns)
-    raise UserError(f"data.layout={layout!r} is not a layout; choose one of: {', '.join(LAYOUTS)}")
+    if layout not in WALKERS:
+        raise UserError(f"data.layout={layout!r} is not a layout; choose one of: {', '.join(LAYOUTS)}")
+    return WALKERS[layout](root, reject, data_cfg)
 
 
 def _verify_one(args) -> tuple:

@@ -4,6 +4,7 @@ that keeps boards apart, and repins (copies of a test pin never on the training 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,58 +160,74 @@ def group_split(frame: pd.DataFrame, test_size: float, seed: int) -> tuple[np.nd
     return np.flatnonzero(~test_mask), np.flatnonzero(test_mask), single
 
 
-def make_splits(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray) -> Splits:
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+def _random(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray, stratify: bool = False) -> Splits:
+    from sklearn.model_selection import train_test_split
 
-    from .evaluation import resolve_split_name
+    name = "stratified" if stratify else "random"
+    try:
+        tr, te = train_test_split(np.arange(len(frame)), test_size=float(cfg.split.test_size),
+                                  random_state=int(cfg.split.seed), stratify=y if stratify else None)
+    except ValueError as exc:
+        raise UserError(f"split={name}: {exc}") from None
+    return Splits(name, [(np.sort(tr), np.sort(te))], grouped=False)
+
+
+def _stratified(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray) -> Splits:
+    return _random(cfg, frame, y, stratify=True)
+
+
+def _group(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray) -> Splits:
+    tr, te, single = group_split(frame, float(cfg.split.test_size), int(cfg.split.seed))
+    if single:
+        log.info(f"split=group: categories with a single board are left out of the test metrics "
+                 f"(their pins only train): {', '.join(single)}")
+    if len(te) == 0:
+        raise UserError("split=group: no category has two boards, so nothing can be tested; use split=stratified")
+    return Splits("group", [(tr, te)], grouped=True, info={"single_board_categories": single})
+
+
+def _kfold(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray) -> Splits:
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     s = cfg.split
-    name = str(s.name)
-    layout = str(cfg.data.layout)
-    name = resolve_split_name(name, layout)
-    positions = np.arange(len(frame))
-    seed = int(s.seed)
-    if name in ("random", "stratified"):
-        test_size = float(s.test_size)
-        try:
-            tr, te = train_test_split(positions, test_size=test_size, random_state=seed,
-                                      stratify=y if name == "stratified" else None)
-        except ValueError as exc:
-            raise UserError(f"split={name}: {exc}") from None
-        return Splits(name, [(np.sort(tr), np.sort(te))], grouped=False)
-    if name == "group":
-        tr, te, single = group_split(frame, float(s.test_size), seed)
-        if single:
-            log.info(f"split=group: categories with a single board are left out of the test metrics "
-                  f"(their pins only train): {', '.join(single)}")
-        if len(te) == 0:
-            raise UserError("split=group: no category has two boards, so nothing can be tested; "
-                            "use split=stratified")
-        return Splits(name, [(tr, te)], grouped=True, info={"single_board_categories": single})
-    if name == "kfold":
-        k = int(s.folds)
-        by_board = s.by_board
-        by_board = layout == "pinterest" if by_board in ("auto", None) else bool(by_board)
-        if k < 2:
-            raise UserError(f"split.folds={k} must be >= 2")
-        if by_board:
-            cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-            folds = list(cv.split(positions, y, groups=board_keys(frame)))
-        else:
-            folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(positions, y))
-        return Splits("kfold", folds, grouped=by_board, info={"folds": k, "by_board": by_board})
-    if name == "predefined":
-        col, value = str(s.column), str(s.test_value)
-        if col not in frame.columns:
-            raise UserError(f"split.column={col!r} must be one of: user, board, pin")
-        test = frame[col].astype(str).to_numpy() == value
-        if not test.any() or test.all():
-            raise UserError(f"split=predefined: {int(test.sum())} of {len(frame)} rows have {col} == {value!r}; "
-                            "both sides need rows (see split.column and split.test_value)")
-        return Splits("predefined", [(np.flatnonzero(~test), np.flatnonzero(test))], grouped=False,
-                      info={"column": col, "test_value": value})
-    raise UserError(f"split={name!r} is not a split; choose one of: auto, random, stratified, group, kfold, "
-                    "predefined")
+    k, seed, positions = int(s.folds), int(s.seed), np.arange(len(frame))
+    by_board = str(cfg.data.layout) == "pinterest" if s.by_board in ("auto", None) else bool(s.by_board)
+    if k < 2:
+        raise UserError(f"split.folds={k} must be >= 2")
+    if by_board:
+        cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        folds = list(cv.split(positions, y, groups=board_keys(frame)))
+    else:
+        folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(positions, y))
+    return Splits("kfold", folds, grouped=by_board, info={"folds": k, "by_board": by_board})
+
+
+def _predefined(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray) -> Splits:
+    col, value = str(cfg.split.column), str(cfg.split.test_value)
+    if col not in frame.columns:
+        raise UserError(f"split.column={col!r} must be one of: user, board, pin")
+    test = frame[col].astype(str).to_numpy() == value
+    if not test.any() or test.all():
+        raise UserError(f"split=predefined: {int(test.sum())} of {len(frame)} rows have {col} == {value!r}; "
+                        "both sides need rows (see split.column and split.test_value)")
+    return Splits("predefined", [(np.flatnonzero(~test), np.flatnonzero(test))], grouped=False,
+                  info={"column": col, "test_value": value})
+
+
+#: ``split.name`` -> the function that makes that split (``auto`` resolves to one of them first).
+SPLITS: dict[str, Callable[[DictConfig, pd.DataFrame, np.ndarray], Splits]] = {
+    "random": _random, "stratified": _stratified, "group": _group, "kfold": _kfold, "predefined": _predefined,
+}
+
+
+def make_splits(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray) -> Splits:
+    """The split ``split.name`` names (one registry lookup; ``auto`` resolves by the data's layout)."""
+    from .evaluation import resolve_split_name
+
+    name = resolve_split_name(str(cfg.split.name), str(cfg.data.layout))
+    if name not in SPLITS:
+        raise UserError(f"split={name!r} is not a split; choose one of: auto, {', '.join(SPLITS)}")
+    return SPLITS[name](cfg, frame, y)
 
 
 def has_boards(cfg: DictConfig) -> bool:

@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 
 from pinterest_cls.catalog import ScanSettings, run_scan
+from pinterest_cls.config import compose
 from pinterest_cls.demo import synthetic_export
 
 W, H = 736, 1100
 
 
 def main() -> None:
+    data_cfg = compose("scan", []).data  # the export layout's defaults (image_name)
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--dir", default="/tmp/scan_bench")
@@ -35,7 +37,7 @@ def main() -> None:
         for workers in (1, cores):
             settings = ScanSettings(full=mode == "full", workers=workers)
             t0 = time.perf_counter()
-            report = run_scan(root, out, "pinterest", ["", "other", "none"], {}, settings,
+            report = run_scan(root, out, "pinterest", ["", "other", "none"], data_cfg, settings,
                               incremental=False, progress=False)
             dt = time.perf_counter() - t0
             assert report["status"]["ok"] == args.n, report["status"]

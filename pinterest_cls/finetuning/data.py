@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
+from .. import config
 from ..errors import UserError
 
 
@@ -105,17 +106,20 @@ def load_manifest_source(cfg: DictConfig) -> Source:
     return Source(ok["path"].tolist(), idx.astype(np.int64), [str(c) for c in classes])
 
 
+#: ``data.kind`` -> the loader of that data source.
+SOURCES = {
+    "export": load_manifest_source,  # a scanned export: the manifest's ok pins
+    "idx": lambda cfg: load_idx(cfg.data),
+    "npz": lambda cfg: load_npz(cfg.data, str(cfg.task)),
+}
+
+
 def load_source(cfg: DictConfig) -> Source:
-    kind = str(cfg.data.get("kind") or "export")
+    kind = str(config.select(cfg, "data.kind"))
     task = str(cfg.task)
-    if kind == "idx":
-        src = load_idx(cfg.data)
-    elif kind == "npz":
-        src = load_npz(cfg.data, task)
-    elif kind == "export":
-        src = load_manifest_source(cfg)
-    else:
+    if kind not in SOURCES:
         raise UserError(f"data.kind={kind!r} must be export (a scanned export), idx or npz")
+    src = SOURCES[kind](cfg)
     if task == "regression" and src.classes is not None and kind != "npz":
         raise UserError(f"task=regression needs numeric targets (data=npz with data.targets_key); data.kind={kind} "
                         "has class labels")

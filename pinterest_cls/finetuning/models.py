@@ -41,13 +41,20 @@ class SimpleCNN(nn.Module):
 
 
 def build_model(cfg: DictConfig, in_chans: int, num_outputs: int, image_size: int) -> tuple[nn.Module, dict]:
-    m = cfg.model
-    if m.kind == "simple_cnn":
-        model = SimpleCNN(in_chans, num_outputs, image_size, tuple(m.channels), int(m.dense), bool(m.batchnorm),
-                          float(m.dropout))
-        return model, {"weights": "random (from scratch)", "mean": (0.5,) * in_chans, "std": (0.5,) * in_chans}
-    if m.kind != "timm":
-        raise UserError(f"model.kind={m.kind!r} must be simple_cnn or timm")
+    """The model ``model.kind`` names (one registry lookup), with its weights' description and normalisation."""
+    kind = str(cfg.model.kind)
+    if kind not in MODELS:
+        raise UserError(f"model.kind={kind!r} must be one of: {', '.join(MODELS)}")
+    return MODELS[kind](cfg.model, in_chans, num_outputs, image_size)
+
+
+def _simple_cnn(m: DictConfig, in_chans: int, num_outputs: int, image_size: int) -> tuple[nn.Module, dict]:
+    model = SimpleCNN(in_chans, num_outputs, image_size, tuple(m.channels), int(m.dense), bool(m.batchnorm),
+                      float(m.dropout))
+    return model, {"weights": "random (from scratch)", "mean": (0.5,) * in_chans, "std": (0.5,) * in_chans}
+
+
+def _timm_model(m: DictConfig, in_chans: int, num_outputs: int, image_size: int) -> tuple[nn.Module, dict]:
     from ..backbones import REGISTRY, _create_timm
 
     spec = REGISTRY.get(str(m.get("backbone") or ""))
@@ -86,3 +93,7 @@ def _adapt_first_conv(model: nn.Module, in_chans: int) -> None:
 def model_name(cfg: DictConfig) -> str:
     """simple_cnn, the timm model name, or the registered backbone it came from."""
     return str(cfg.model.get("name") or cfg.model.get("backbone") or cfg.model.kind)
+
+
+#: ``model.kind`` -> the function that builds it.
+MODELS = {"simple_cnn": _simple_cnn, "timm": _timm_model}
