@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .errors import UserError
@@ -191,12 +192,12 @@ def _create_timm(model_id: str, bcfg, spec: Spec | None):
     import timm
 
     kwargs = dict(num_classes=0)
-    if bcfg.get("in_chans"):
+    if bcfg.get("in_chans"):  # finetune's models adapt the first conv themselves and pass none
         kwargs["in_chans"] = int(bcfg.in_chans)
     if not timm.is_model(model_id):
         raise UserError(f"backbone.model={model_id!r} is not a timm model (see timm.list_models())")
     weights = bcfg.get("weights")
-    pretrained = bool(bcfg.get("pretrained", True))
+    pretrained = bool(bcfg.pretrained)
     if weights:
         path = Path(os.path.expanduser(str(weights)))
         if not path.is_file():
@@ -317,22 +318,39 @@ def make_transform(input_size: int, crop_pct: float, interpolation: str, crop_mo
     return T.Compose([*steps, T.PILToTensor()]), resize
 
 
+def with_defaults(bcfg) -> DictConfig:
+    """``bcfg`` over ``conf/backbone/<kind>.yaml``: a backbone config written in code, or recorded by an older
+    store, gets its missing keys from the YAML, the one place of the defaults."""
+    from .config import CONF_DIR
+
+    # resolved where it stands (timm.yaml's name is ${backbone.model}, relative to the whole config)
+    given = OmegaConf.to_container(bcfg, resolve=True) if isinstance(bcfg, DictConfig) else dict(bcfg)
+    kind = str(given.get("kind") or given.get("name"))
+    path = Path(CONF_DIR) / "backbone" / f"{kind}.yaml"
+    if not path.is_file():
+        return OmegaConf.create(given)
+    defaults = OmegaConf.load(path)
+    defaults.name = given.get("name", kind)  # the YAML's own name may interpolate a key outside it
+    return OmegaConf.merge(defaults, given)
+
+
 def build_backbone(bcfg) -> Backbone:
     """Build the backbone described by the ``backbone`` config group (see conf/backbone/): ``backbone.kind`` is
     looked up in :data:`KINDS`, where every registered name builds its timm model."""
+    bcfg = with_defaults(bcfg)
     kind = str(bcfg.get("kind") or bcfg.get("name"))
-    pool = str(bcfg.get("pool") or "timm")
-    if pool not in POOLS:
-        raise UserError(f"backbone.pool={pool!r} must be one of: {', '.join(POOLS)}")
     if kind not in KINDS:
         raise UserError(f"backbone={kind!r} is not registered; choose one of: {', '.join(registered_names())} "
                         "(backbone=timm backbone.model=<name> takes any timm model)")
+    pool = str(bcfg.pool)
+    if pool not in POOLS:
+        raise UserError(f"backbone.pool={pool!r} must be one of: {', '.join(POOLS)}")
     return KINDS[kind](bcfg, pool)
 
 
 def _pixels(bcfg, pool: str) -> Backbone:
     size = int(bcfg.image_size)
-    grayscale = bool(bcfg.get("grayscale", False))
+    grayscale = bool(bcfg.grayscale)
     transform, resize = make_transform(size, 1.0, "bilinear", crop_mode="squash")
     dim = size * size * (1 if grayscale else 3)
     info = {"backbone": bcfg.name, "timm_id": None, "weights": "none (raw pixels)", "weights_sha256": None,

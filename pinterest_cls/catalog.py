@@ -354,7 +354,7 @@ def run_scan(root: Path, out_dir: Path, layout: str, reject: list[str], data_cfg
     walk = walk_export(root, layout, reject, data_cfg)
     if not walk.candidates:
         expected = {
-            "pinterest": "<root>/<user>/per_board/<board>/<pin>/" + data_cfg.get("image_name", "pin_closeup_image.jpg"),
+            "pinterest": "<root>/<user>/per_board/<board>/<pin>/" + str(data_cfg.image_name),
             "imagefolder": "<root>/<class>/<image>",
             "csv": "rows in the table",
         }[layout]

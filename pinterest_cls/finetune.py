@@ -76,7 +76,7 @@ def finetune(cfg: DictConfig) -> dict:
 
 
 def _params(cfg: DictConfig, folds, info: dict, look_at_test: bool) -> dict:
-    return {"model": model_name(cfg), "pretrained": bool(cfg.model.get("pretrained", False)),
+    return {"model": model_name(cfg), "pretrained": bool(cfg.model.pretrained),
             "weights": info.get("weights"), "task": str(cfg.task), "epochs": int(cfg.epochs),
             "batch_size": int(cfg.batch_size), "lr": float(cfg.optim.lr), "augment": str(cfg.augment),
             "label_smoothing": float(cfg.optim.label_smoothing), "linear_probe_epochs": int(cfg.linear_probe_epochs),

@@ -37,7 +37,7 @@ def default_protocol_settings(cfg: DictConfig) -> str:
     return protocol_settings(split, tcfg.sampling.max_per_category, int(tcfg.sampling.seed),
                              "by board" if layout == "pinterest" else "by pin",
                              repins_settings(str(tcfg.repins.mode), tcfg.repins.threshold,
-                                             bool(tcfg.repins.get("keep_one", False))))
+                                             bool(tcfg.repins.keep_one)))
 
 
 def choose_protocol(cfg: DictConfig, runs: pd.DataFrame) -> tuple[str, pd.DataFrame, pd.Series]:

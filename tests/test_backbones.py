@@ -123,3 +123,20 @@ def test_unknown_names_and_missing_weights(tmp_path, monkeypatch):
     assert "'convnext_tiny.fb_in1k' are not cached and hub.invalid cannot be reached" in msg
     assert "backbone.weights=/path/to/model.safetensors" in msg
     assert "backbone.pretrained=false" in msg
+
+
+def test_a_config_written_in_code_takes_its_defaults_from_the_yaml(tmp_path, monkeypatch):
+    """The backbone YAML is the one place of the defaults: change it, and a partial config follows."""
+    import shutil
+
+    import pinterest_cls.config as config
+
+    conf = tmp_path / "conf"
+    shutil.copytree(config.CONF_DIR, conf)
+    (conf / "backbone" / "pixels.yaml").write_text("name: pixels\nkind: pixels\nimage_size: 20\ngrayscale: true\n"
+                                                   "pool: timm\n")
+    monkeypatch.setattr(config, "CONF_DIR", str(conf))
+    b = build_backbone({"name": "p", "kind": "pixels"})
+    assert (b.info["input_size"], b.info["grayscale"], b.dim) == (20, True, 400)
+    b = build_backbone({"name": "p", "kind": "pixels", "image_size": 8})  # what is given wins
+    assert (b.info["input_size"], b.dim) == (8, 64)
