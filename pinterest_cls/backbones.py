@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from . import config
 from .errors import UserError
 from .fileio import file_sha256
 
@@ -244,8 +247,6 @@ def _create_timm(model_id: str, bcfg, spec: Spec | None):
 
 def _weights_host(model_id: str) -> str | None:
     """Host timm would download ``model_id``'s weights from (the hub honours HF_ENDPOINT)."""
-    from urllib.parse import urlparse
-
     import timm.models
 
     try:
@@ -260,8 +261,6 @@ def _weights_host(model_id: str) -> str | None:
 
 
 def _reachable(host: str, timeout: float = 2.0) -> bool:
-    import socket
-
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True
@@ -321,12 +320,10 @@ def make_transform(input_size: int, crop_pct: float, interpolation: str, crop_mo
 def with_defaults(bcfg) -> DictConfig:
     """``bcfg`` over ``conf/backbone/<kind>.yaml``: a backbone config written in code, or recorded by an older
     store, gets its missing keys from the YAML, the one place of the defaults."""
-    from .config import CONF_DIR
-
     # resolved where it stands (timm.yaml's name is ${backbone.model}, relative to the whole config)
     given = OmegaConf.to_container(bcfg, resolve=True) if isinstance(bcfg, DictConfig) else dict(bcfg)
     kind = str(given.get("kind") or given.get("name"))
-    path = Path(CONF_DIR) / "backbone" / f"{kind}.yaml"
+    path = Path(config.CONF_DIR) / "backbone" / f"{kind}.yaml"
     if not path.is_file():
         return OmegaConf.create(given)
     defaults = OmegaConf.load(path)

@@ -17,6 +17,8 @@ from .errors import UserError, user_errors_exit
 from .estimators import FaissKMeans, projection
 from .evaluation import clustering_metrics
 from .plots import scatter_plot
+from .store import open_store
+from .tracking import mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +26,6 @@ log = logging.getLogger(__name__)
 def cluster(cfg: DictConfig) -> dict:
     import joblib
     from sklearn.preprocessing import normalize
-
-    from .store import open_store
 
     c = cfg.cluster
     t0 = time.perf_counter()
@@ -81,8 +81,6 @@ def cluster(cfg: DictConfig) -> dict:
 
 
 def _log_run(cfg: DictConfig, name: str, params: dict, metrics: dict, out, model_dir) -> str | None:
-    from .tracking import mlflow_run
-
     with mlflow_run(cfg, name, tags={"verb": "cluster", "backbone": str(cfg.backbone.name)}) as run:
         if run is None:
             return None

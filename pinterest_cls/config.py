@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .demo import ensure_demo_export
 from .errors import UserError
 
 
@@ -85,8 +87,6 @@ def job_output_dir() -> Path:
 
         path = Path(HydraConfig.get().runtime.output_dir)
     except Exception:  # not inside a Hydra app (library use, tests)
-        import tempfile
-
         path = Path(tempfile.mkdtemp(prefix="pinterest_cls_"))
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -96,8 +96,6 @@ def data_root(cfg: DictConfig) -> Path:
     """The export to read: ``data.root``, or the demo export (generated on first use)."""
     root = select(cfg, "data.root")
     if root in (None, ""):
-        from .demo import ensure_demo_export
-
         return ensure_demo_export(work_dir(cfg) / DEMO_NAME / "export")
     path = Path(os.path.expanduser(str(root))).resolve()
     if not path.exists():

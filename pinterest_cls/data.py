@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .fileio import available_cpus, mp_context
+from .gpu_decode import gpu_decodable
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb, load_rgb_variants
 
 
@@ -51,8 +52,6 @@ class PinDataset(Dataset):
     def __getitem__(self, i: int):
         row = int(self.rows[i])
         if self.encoded:
-            from .gpu_decode import gpu_decodable
-
             try:
                 data = gpu_decodable(self.paths[row], self.max_pixels)
             except ImageDecodeError as exc:

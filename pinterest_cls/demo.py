@@ -27,10 +27,13 @@ import logging
 import shutil
 import struct
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .fileio import locked, mp_context
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +189,6 @@ def generate_demo_export(root: Path) -> Path:
 
 def ensure_demo_export(root: Path) -> Path:
     """The demo export at ``root``, generated unless a complete one of this version is already there."""
-    from .fileio import locked
-
     marker = Path(root) / MARKER
     with locked(Path(root).parent, ".demo.lock"):  # parallel jobs: one generates, the others wait for it
         try:
@@ -221,8 +222,6 @@ def synthetic_export(root: Path, n: int, size: tuple[int, int] = (736, 1100), pi
                      categories: int = 5) -> Path:
     """A pinterest-layout export of ``n`` generated JPEGs of ``size`` (default: a typical Pinterest
     close-up), for benchmarks. Made once; a later call with the same ``n`` and size reuses it."""
-    from concurrent.futures import ProcessPoolExecutor
-
     root = Path(root)
     marker = root / f".synthetic_{n}_{size[0]}x{size[1]}"
     if marker.exists():
@@ -237,8 +236,6 @@ def synthetic_export(root: Path, n: int, size: tuple[int, int] = (736, 1100), pi
             board.mkdir(parents=True, exist_ok=True)
             (board / "board_category.txt").write_text(f"category{b % categories}\n")
         jobs.append((i, board / f"pin{i:07d}" / IMAGE_NAME, size[0], size[1]))
-    from .fileio import mp_context
-
     with ProcessPoolExecutor(mp_context=mp_context()) as pool:
         list(pool.map(_synthetic_pin, jobs, chunksize=64))
     marker.touch()

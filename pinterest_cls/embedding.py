@@ -12,7 +12,10 @@ import torch
 from omegaconf import OmegaConf
 
 from . import __version__
+from .backbones import build_backbone
+from .data import PinDataset, default_workers, make_loader
 from .errors import UserError
+from .images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +137,6 @@ class Runner:
 def backbone_from_meta(meta: dict, check_weights: bool = True):
     """Rebuild the backbone that made a store (``meta.json``): same config, same seed for random init, and
     (when the store recorded one) the same weights sha256."""
-    from .backbones import build_backbone
-
     bcfg = OmegaConf.create(meta["backbone_config"])
     torch.manual_seed(int(meta.get("extract", {}).get("seed", 0)))
     backbone = build_backbone(bcfg)
@@ -155,9 +156,6 @@ def embed_paths(backbone, paths: list[str], *, batch_size: int = 64, workers: in
     (``bf16``, ``fp16``, ``fp32``); ``dtype``: the store's dtype, whose rounding the features then get, so that
     they compare with the store's rows."""
     from tqdm.auto import tqdm
-
-    from .data import PinDataset, default_workers, make_loader
-    from .images import DEFAULT_MAX_PIXELS
 
     if amp == "auto":
         log.warning("note: the embeddings' meta.json does not record the precision they were made with (made before it "

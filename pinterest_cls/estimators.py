@@ -24,8 +24,10 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .duplicates import link_boards
 from .errors import UserError
-from .splits import inner_cv
+from .evaluation import board_accuracy, classification_metrics
+from .splits import board_keys, inner_cv
 
 log = logging.getLogger(__name__)
 
@@ -409,10 +411,6 @@ class FoldResults:
 def fit_and_test(cfg: DictConfig, X: np.ndarray, y: np.ndarray, frame: pd.DataFrame, splits, groups) -> FoldResults:
     """Grid search on each fold's training side, the best model on its test side; under k-fold the model kept
     is then refit on every sampled row. The inner CV keeps boards (and boards sharing copies) apart."""
-    from .duplicates import link_boards
-    from .evaluation import board_accuracy, classification_metrics
-    from .splits import board_keys
-
     fold_metrics, predictions, search, cv_desc, leaky = [], [], None, "", False
     for f, (tr, te) in enumerate(splits.folds):
         inner = frame.iloc[tr].reset_index(drop=True)

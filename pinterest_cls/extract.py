@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import config
 from .errors import UserError, user_errors_exit
 from .extraction import ShardDone, backbone_configs, extract_many
+from .plots import batch_timings_plot
+from .tracking import mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,6 @@ def extract(cfg: DictConfig, progress: bool = True) -> dict:
 def report(cfg: DictConfig, done: ShardDone) -> None:
     """A backbone's shard is done: its per-batch timings as CSV and plot beside the store, a summary in the
     log, and an MLflow run (``verb=extract``)."""
-    from .plots import batch_timings_plot
-    from .tracking import mlflow_run
-
     backbone, stats, meta = done.backbone, done.stats, done.meta
     timing_csv = done.folder / "timings" / f"{done.tag}.csv"
     timing_csv.parent.mkdir(exist_ok=True)

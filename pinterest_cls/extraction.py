@@ -14,10 +14,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import config
+from .backbones import build_backbone
 from .catalog import MANIFEST, format_report, load_manifest, scan_export
+from .data import PinDataset, default_workers, make_loader
 from .embedding import Runner, amp_name, library_versions, prepare_model, resolve_amp, resolve_device
 from .errors import UserError
 from .fileio import file_sha256, locked
+from .gpu_decode import GpuDecoder
 from .store import EmbeddingStore, rows_sha256, shard_range
 
 log = logging.getLogger(__name__)
@@ -92,8 +95,6 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, rows_id: str, manifest_id
                 dtype: str, decode: str, micro_batch: int | None):
     """Build ``bcfg``'s backbone and open (or create) its store. ``rows_id``/``manifest_id``: the sha256 of
     the rows to embed and of the manifest, computed once per run for all its backbones."""
-    from .backbones import build_backbone
-
     torch.manual_seed(int(cfg.extract.seed))  # random-init backbones (pretrained=false) are reproducible
     backbone = build_backbone(bcfg)
     folder = config.embeddings_dir(cfg, backbone.name)
@@ -165,8 +166,6 @@ class RunSettings:
 
 def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
     """``extract.*`` checked, each bad value a one-line error naming its key; sets ``extract.threads``."""
-    from .data import default_workers
-
     ecfg = cfg.extract
     device = resolve_device(str(ecfg.device))
     batch_size = int(ecfg.batch_size)
@@ -258,9 +257,6 @@ def _stream(cfg: DictConfig, ok, jobs: list[_Job], s: RunSettings, progress: boo
             on_batch: Callable[[int], None] | None):
     """Decode the shard's pins once, run every job's model on each batch, write the rows and commit."""
     from tqdm.auto import tqdm
-
-    from .data import PinDataset, make_loader
-    from .gpu_decode import GpuDecoder
 
     first = min(job.start for job in jobs)
     dataset = PinDataset(ok["path"].tolist(), range(first, s.hi), [j.backbone.transform for j in jobs],

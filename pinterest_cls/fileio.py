@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -28,8 +29,6 @@ def mp_context():
     """The multiprocessing context for worker pools: fork on Linux (as PyTorch's DataLoader has always used
     there), the platform default elsewhere. Explicit, because a job started by a launcher (joblib's loky
     workers) has a different default start method that cannot start ordinary child processes."""
-    import multiprocessing
-
     if sys.platform.startswith("linux"):
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context()

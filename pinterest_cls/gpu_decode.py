@@ -15,6 +15,7 @@ fails there fails for its own row with its reason, as always.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -109,8 +110,6 @@ def jpeg_decoder():
             f"torchcodec {torchcodec.__version__}"
     except ImportError:
         pass
-    import warnings
-
     import torchvision
     from torchvision.io import ImageReadMode, decode_jpeg
 

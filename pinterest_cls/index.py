@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from .embedding import backbone_from_meta, embed_paths
 from .errors import UserError
 from .fileio import file_sha256
 from .store import META
@@ -129,8 +130,6 @@ def query_vector(cfg: DictConfig, emb, index_df: pd.DataFrame, meta: dict) -> tu
     path = Path(str(q)).expanduser()
     if not path.is_file():
         raise UserError(f"query={q} is not a file")
-    from .embedding import backbone_from_meta, embed_paths
-
     backbone = backbone_from_meta(meta)
     vec, reasons = embed_paths(backbone, [str(path)], batch_size=1, workers=0,
                                amp=meta.get("extract", {}).get("amp", "auto"),

@@ -10,7 +10,11 @@ import pandas as pd
 from sklearn import metrics as skm
 
 matplotlib.use("Agg")
+import textwrap
+
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .images import ImageDecodeError, load_rgb
 
 
 def batch_timings_plot(timings, path: Path, title: str = "") -> Path:
@@ -63,8 +67,6 @@ def scatter_plot(xy: np.ndarray, labels, path: Path, title: str) -> Path:
 def contact_sheet(query_path: str, hits: pd.DataFrame, path: Path, thumb: int = 160) -> Path:
     """The query and its neighbours side by side, with rank, score and category."""
     from PIL import Image, ImageDraw
-
-    from .images import ImageDecodeError, load_rgb
 
     tiles = [(query_path, "query")] + [(r.path, f"#{r.rank} {r.score:.3f}\n{r.category}") for r in hits.itertuples()]
     cols = min(len(tiles), 6)
@@ -120,8 +122,6 @@ def heatmap_plot(table: pd.DataFrame, path: Path, title: str, fmt: str = "{:.3f}
     """Rows x columns of numbers (NaN = missing) as an annotated heatmap; ``labels`` (same shape, text)
     replaces the numbers as annotations, e.g. with their confidence intervals. Scores in [0, 1] get a colour
     scale that ends at 1."""
-    import textwrap
-
     import matplotlib
 
     matplotlib.use("Agg")

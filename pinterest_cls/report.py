@@ -10,13 +10,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import config
 from .errors import UserError, user_errors_exit
+from .evaluation import protocol_settings, protocol_without_rows, repins_settings, resolve_split_name
+from .plots import heatmap_plot
+from .tracking import experiment_id
 
 
 def train_runs(cfg: DictConfig) -> pd.DataFrame:
     """Finished ``train`` runs of experiment ``mlflow.experiment``: one row per run."""
     import mlflow
-
-    from .tracking import experiment_id
 
     exp = experiment_id(cfg)
     runs = mlflow.search_runs(experiment_ids=[exp], filter_string="tags.verb = 'train' and status = 'FINISHED'",
@@ -29,8 +30,6 @@ NO_PROTOCOL = "(not recorded: a run from before protocols were logged)"
 
 def default_protocol_settings(cfg: DictConfig) -> str:
     """The protocol settings of a ``train`` run with default settings on this data (``report.protocol=default``)."""
-    from .evaluation import protocol_settings, repins_settings, resolve_split_name
-
     layout = str(cfg.data.layout)
     tcfg = config.compose("train", [f"data.layout={layout}"])
     split = OmegaConf.merge(tcfg.split, {"name": resolve_split_name(str(tcfg.split.name), layout)})
@@ -43,8 +42,6 @@ def default_protocol_settings(cfg: DictConfig) -> str:
 def choose_protocol(cfg: DictConfig, runs: pd.DataFrame) -> tuple[str, pd.DataFrame, pd.Series]:
     """(protocol, its runs, counts of the runs of every other protocol). ``report.protocol=default``: the
     default settings on the rows of the newest such run; else the protocol given (as printed or in runs.csv)."""
-    from .evaluation import protocol_without_rows
-
     runs = runs.copy()
     col = "params.protocol"
     runs[col] = runs[col].fillna(NO_PROTOCOL) if col in runs.columns else NO_PROTOCOL
@@ -109,8 +106,6 @@ def to_markdown(table: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
 
 
 def report(cfg: DictConfig) -> dict:
-    from .plots import heatmap_plot
-
     runs = train_runs(cfg)
     if runs.empty:
         raise UserError(f"no finished train runs in MLflow experiment {cfg.mlflow.experiment!r} at "

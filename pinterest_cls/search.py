@@ -16,11 +16,10 @@ from . import config
 from .errors import UserError, user_errors_exit
 from .index import load_or_build, normalized, query_vector
 from .plots import contact_sheet
+from .store import open_store
 
 
 def search(cfg: DictConfig) -> pd.DataFrame:
-    from .store import open_store
-
     emb, index_df, meta, folder = open_store(cfg)
     index, rows, info = load_or_build(folder, emb, index_df, cfg)
     vec, desc, query_row = query_vector(cfg, emb, index_df, meta)

@@ -14,7 +14,12 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from . import __version__
+from .catalog import IMAGE_EXTENSIONS
+from .embedding import backbone_from_meta, embed_paths
 from .errors import UserError
+from .estimators import class_scores
+from .tracking import _prepare_uri
 
 PIPELINE = "pipeline"  # the pyfunc model's name in a train run
 EMBEDDINGS_META = "embeddings_meta.json"  # the store's meta.json, logged with each train run
@@ -26,8 +31,6 @@ class EndToEnd:
 
     def __init__(self, classifier, store_meta: dict, top_k: int = 3, batch_size: int = 32,
                  workers: int | None = 0, device: str = "auto"):
-        from .embedding import backbone_from_meta
-
         self.classifier = classifier
         self.meta = store_meta
         self.top_k = top_k
@@ -37,9 +40,6 @@ class EndToEnd:
         self.backbone = backbone_from_meta(store_meta)
 
     def predict_paths(self, paths: list[str], progress: bool = False) -> pd.DataFrame:
-        from .embedding import embed_paths
-        from .estimators import class_scores
-
         ex = self.meta.get("extract", {})
         feats, reasons = embed_paths(self.backbone, paths, batch_size=self.batch_size, workers=self.workers,
                                      device=self.device, amp=ex.get("amp", "auto"), draft=ex.get("draft", True),
@@ -70,8 +70,6 @@ class EndToEnd:
 
 def _client(cfg: DictConfig):
     import mlflow
-
-    from .tracking import _prepare_uri
 
     mlflow.set_tracking_uri(_prepare_uri(str(cfg.mlflow.tracking_uri)))
     return mlflow.MlflowClient()
@@ -115,7 +113,7 @@ class PinterestPyfuncModel(mlflow.pyfunc.PythonModel):
         meta = json.loads(Path(context.artifacts["embeddings_meta"]).read_text())
         self.model = EndToEnd(classifier, meta)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # a hint MLflow infers no schema from
         frame = pd.DataFrame(model_input)
         if "path" in frame.columns:
             return self.model.predict_paths(frame["path"].astype(str).tolist()).drop(columns=["path"])
@@ -147,8 +145,6 @@ def log_pipeline(classifier, store_meta_path: Path, workdir: Path) -> None:
 def collect_inputs(spec: str, image_name: str = "pin_closeup_image.jpg") -> list[str]:
     """Paths from a folder (images found recursively; a Pinterest export's pins), a text file listing paths
     (one per line, relative to the file's folder), or a single image."""
-    from .catalog import IMAGE_EXTENSIONS
-
     p = Path(os.path.expanduser(spec))
     if not p.exists():
         raise UserError(f"inputs={spec} does not exist; give a folder, a .txt list of paths, or an image")
@@ -168,8 +164,6 @@ def log_model(model) -> None:
     cloudpickle: MLflow's default (skops) refuses classes it does not know, such as our FaissKNN."""
     import mlflow.sklearn
     import sklearn
-
-    from . import __version__
 
     reqs = [f"scikit-learn=={sklearn.__version__}", f"numpy=={np.__version__}", "faiss-cpu", "torch",
             f"# pinterest_cls=={__version__} (install from the project's repository)"]

@@ -12,7 +12,10 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from . import config
+from .catalog import MANIFEST, load_manifest
+from .duplicates import drop_train_copies, duplicate_groups, keep_one, leaked, link_boards
 from .errors import UserError
+from .evaluation import resolve_split_name
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +55,6 @@ def board_keys(frame: pd.DataFrame) -> np.ndarray:
 def find_repins(cfg: DictConfig, frame: pd.DataFrame, X: np.ndarray) -> tuple[np.ndarray, dict]:
     """Duplicate group of each sampled pin (-1: no copy among them), from the scan's content digests (exact
     copies) and the embeddings (near copies: cosine >= ``repins.threshold``), and counts for the run."""
-    from .catalog import MANIFEST, load_manifest
-    from .duplicates import duplicate_groups
-
     digests = np.full(len(frame), None, dtype=object)
     manifest_path = config.data_dir(cfg) / MANIFEST
     if manifest_path.is_file():
@@ -75,8 +75,6 @@ def find_repins(cfg: DictConfig, frame: pd.DataFrame, X: np.ndarray) -> tuple[np
 def apply_repins(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray, groups: np.ndarray) -> tuple[Splits, dict]:
     """The split with no copy of a test pin on the training side: ``repins.mode=drop`` keeps the board split and
     drops the training-side copies; ``link`` splits linked groups of boards (boards sharing copies) whole."""
-    from .duplicates import drop_train_copies, leaked, link_boards
-
     mode = str(cfg.repins.mode)
     plain = make_splits(cfg, frame, y)
     before = sum(leaked(tr, te, groups) for tr, te in plain.folds)
@@ -108,8 +106,6 @@ def apply_repins(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray, groups: np
 def keep_one_per_group(splits: Splits, groups: np.ndarray) -> Splits:
     """``repins.keep_one``: each side of each fold keeps one pin per duplicate group, so a repinned image neither
     weighs several times in training nor counts several times in the test metrics."""
-    from .duplicates import keep_one
-
     folds, gone = [], []
     for tr, te in splits.folds:
         (tr_kept, tr_gone), (te_kept, te_gone) = keep_one(tr, groups), keep_one(te, groups)
@@ -222,8 +218,6 @@ SPLITS: dict[str, Callable[[DictConfig, pd.DataFrame, np.ndarray], Splits]] = {
 
 def make_splits(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray) -> Splits:
     """The split ``split.name`` names (one registry lookup; ``auto`` resolves by the data's layout)."""
-    from .evaluation import resolve_split_name
-
     name = resolve_split_name(str(cfg.split.name), str(cfg.data.layout))
     if name not in SPLITS:
         raise UserError(f"split={name!r} is not a split; choose one of: auto, {', '.join(SPLITS)}")

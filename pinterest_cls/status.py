@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import config
 from .errors import UserError, user_errors_exit
+from .extraction import backbone_configs
 from .store import FINGERPRINT_DEFAULTS, META, merge_records, read_records, shard_range
 
 
@@ -81,8 +82,6 @@ def _shard_entry(meta, index, count, lo, hi, rec) -> dict:
 
 
 def status(cfg: DictConfig) -> list[dict]:
-    from .extraction import backbone_configs
-
     root = config.embeddings_dir(cfg, "")
     if OmegaConf.select(cfg, "backbones", default=None):
         names = [str(b.name) for b in backbone_configs(cfg)]

@@ -16,11 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from . import config
 from .errors import UserError, user_errors_exit
 from .estimators import fit_and_test
-from .evaluation import bootstrap_metrics, fold_mean
+from .evaluation import bootstrap_metrics, fold_mean, protocol, protocol_settings, repins_settings
 from .fileio import file_sha256
-from .serving import log_model
+from .plots import confusion_plot
+from .serving import log_model, log_pipeline
 from .splits import board_keys, has_boards, sample_rows, split_for_run, split_table
 from .store import META, load_xy, open_store
+from .tracking import mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,6 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
 def _write_outputs(out: Path, fitted, categories: list[str], title: str, metrics: dict) -> None:
     from sklearn.metrics import classification_report
 
-    from .plots import confusion_plot
-
     preds = fitted.predictions
     report_txt = classification_report(preds["truth"], preds["prediction"], zero_division=0, digits=4)
     (out / "classification_report.txt").write_text(report_txt)
@@ -96,8 +96,6 @@ def _write_outputs(out: Path, fitted, categories: list[str], title: str, metrics
 
 def _params(cfg, splits, fitted, meta, folder, frame, categories, repin_info, ci_desc) -> dict:
     """The run's MLflow params: what was trained on, how it was split and chosen, and its protocol."""
-    from .evaluation import protocol, protocol_settings, repins_settings
-
     split_cfg = OmegaConf.merge(cfg.split, {"name": splits.name})
     inner_kind = "by board" if "by board" in fitted.cv_desc else ("by pin, leaky" if fitted.leaky else "by pin")
     repins = repins_settings(str(cfg.repins.mode), cfg.repins.threshold, bool(cfg.repins.keep_one))
@@ -123,8 +121,6 @@ def _params(cfg, splits, fitted, meta, folder, frame, categories, repin_info, ci
 
 
 def _log_run(cfg, name, params, metrics, out: Path, model, store_meta: Path, extra_tags: dict) -> str | None:
-    from .tracking import mlflow_run
-
     tags = {"verb": "train", "backbone": params["backbone"], "classifier": params["classifier"],
             "data": str(cfg.data.name), **sweep_tags(), **extra_tags}
     with mlflow_run(cfg, name, tags=tags) as run:
@@ -140,8 +136,6 @@ def _log_run(cfg, name, params, metrics, out: Path, model, store_meta: Path, ext
         mlflow.log_artifact(str(store_meta))  # what predict needs to rebuild the backbone
         log_model(model)
         if cfg.train.log_pipeline:
-            from .serving import log_pipeline
-
             log_pipeline(model, store_meta, out)
         return run.info.run_id
 

@@ -103,3 +103,22 @@ def test_no_function_is_longer_than_60_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{module_name(path)}.{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, f"split these into named pieces: {long}"
+
+
+def test_imports_inside_functions_are_only_optional_third_party_libraries():
+    """The package's own modules and the standard library are imported at the top of a module; only a
+    third-party library that a verb may not need (mlflow, faiss, timm, matplotlib, ...) loads where it is used."""
+    import sys
+
+    hidden = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top:
+                continue
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            if getattr(node, "level", 0) or any(n.split(".")[0] in sys.stdlib_module_names | {"pinterest_cls"}
+                                                for n in names):
+                hidden.append(f"{module_name(path)}:{node.lineno}")
+    assert not hidden, f"move these imports to the top of their module: {hidden}"

@@ -14,6 +14,8 @@ from torch.utils.data import Dataset
 
 from .. import config
 from ..errors import UserError
+from ..extraction import ok_rows
+from ..images import load_rgb
 
 
 @dataclass
@@ -99,8 +101,6 @@ def load_npz(dcfg, task: str) -> Source:
 
 
 def load_manifest_source(cfg: DictConfig) -> Source:
-    from ..extraction import ok_rows
-
     _, ok = ok_rows(cfg)
     classes, idx = np.unique(ok["category"].astype(str).to_numpy(), return_inverse=True)
     return Source(ok["path"].tolist(), idx.astype(np.int64), [str(c) for c in classes])
@@ -172,8 +172,6 @@ class FileImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        from ..images import load_rgb
-
         im = load_rgb(self.paths[i], min_size=self.size)
         x = torch.from_numpy(np.array(im)).permute(2, 0, 1)
         return self.transform(_match_channels(x, self.in_chans)), self.targets[i]

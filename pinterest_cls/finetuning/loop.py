@@ -16,6 +16,7 @@ from torch import nn
 from ..data import make_loader
 from ..embedding import resolve_amp, resolve_device
 from ..errors import UserError
+from ..evaluation import classification_metrics
 from .data import ArrayImages, FileImages, Source, make_transform
 from .models import build_model
 
@@ -216,8 +217,6 @@ def _train(cfg, setup: Setup, train_loader, val_loader, fold_name: str, checkpoi
 
 
 def evaluate_outputs(task, outs, tgts, classes) -> dict:
-    from ..evaluation import classification_metrics
-
     if task == "regression":
         return {"mse": float(np.mean((outs - tgts) ** 2)), "mae": float(np.mean(np.abs(outs - tgts)))}
     probs = torch.softmax(torch.from_numpy(outs), 1).numpy()

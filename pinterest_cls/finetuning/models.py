@@ -8,6 +8,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..backbones import REGISTRY, _create_timm
 from ..errors import UserError
 
 
@@ -55,8 +56,6 @@ def _simple_cnn(m: DictConfig, in_chans: int, num_outputs: int, image_size: int)
 
 
 def _timm_model(m: DictConfig, in_chans: int, num_outputs: int, image_size: int) -> tuple[nn.Module, dict]:
-    from ..backbones import REGISTRY, _create_timm
-
     spec = REGISTRY.get(str(m.get("backbone") or ""))
     model_id = str(m.name or (spec.model if spec else ""))
     if not model_id:
