@@ -137,7 +137,14 @@ def log_pipeline(classifier, store_meta_path: Path, workdir: Path) -> None:
     clf_path = workdir / "classifier.pkl"
     with open(clf_path, "wb") as f:
         cloudpickle.dump(classifier, f)
-    mlflow.pyfunc.log_model(name=PIPELINE, python_model=PinterestPyfuncModel(),
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    # the input the model takes, stated, so that MLflow checks requests against it (and infers nothing):
+    # a column of image paths, or of base64-encoded image bytes
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "path", required=False),
+                                              ColSpec("string", "image", required=False)]))
+    mlflow.pyfunc.log_model(name=PIPELINE, python_model=PinterestPyfuncModel(), signature=signature,
                             artifacts={"classifier": str(clf_path), "embeddings_meta": str(store_meta_path)},
                             pip_requirements=["mlflow", "torch", "timm", "scikit-learn", "faiss-cpu", "pillow"])
 
