@@ -8,7 +8,7 @@ On N generated 736x1100 JPEGs (a typical Pinterest close-up), for each backbone 
 backbone.pretrained=false: the values do not change the speed) at its registered input size, with bf16 AMP
 and channels_last:
   model_only_img_s: the model alone on a pinned uint8 batch already resized, copied to the GPU per batch and
-      the features copied back, as extract's Runner does (after 3 warm-up batches);
+      the features copied back, as extraction's Runner (pinterest_cls.embedding) does (after 3 warm-up batches);
   pipeline_img_s: `extract` from the files (DataLoader workers decode, or read the bytes for nvJPEG with
       extract.decode=gpu; rows to the memory-mapped store with commits): N over its whole extraction time,
       worker start-up and the first batch's latency included;
