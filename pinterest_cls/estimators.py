@@ -25,6 +25,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .duplicates import link_boards
+from .embedding import resolve_device
 from .errors import UserError
 from .evaluation import board_accuracy, classification_metrics
 from .splits import board_keys, inner_cv
@@ -156,11 +157,7 @@ class TorchMLP(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     def _device(self):
-        import torch
-
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(str(self.device), key="classifier.device")
 
     def _net(self, n_in: int, n_out: int):
         from torch import nn
