@@ -70,10 +70,14 @@ def data_dir(cfg: DictConfig) -> Path:
     return _path(cfg, "paths.data")
 
 
+def embeddings_root(cfg: DictConfig) -> Path:
+    """``paths.embeddings``: one store per backbone in it."""
+    return _path(cfg, "paths.embeddings")
+
+
 def embeddings_dir(cfg: DictConfig, backbone: str | None = None) -> Path:
-    """``paths.embeddings``, or the store of ``backbone`` in it (default: ``backbone.name``)."""
-    root = _path(cfg, "paths.embeddings")
-    return root if backbone == "" else root / str(backbone or select(cfg, "backbone.name"))
+    """The store of ``backbone`` (default: ``backbone.name``)."""
+    return embeddings_root(cfg) / str(backbone or select(cfg, "backbone.name"))
 
 
 def report_dir(cfg: DictConfig) -> Path:

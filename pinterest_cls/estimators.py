@@ -90,15 +90,12 @@ class FaissKNN(ClassifierMixin, BaseEstimator):
         index.add(self.X_)
         return index
 
-    def _faiss_index(self):
-        return self._index
-
     def kneighbors(self, X, k: int | None = None):
         """(similarities or squared distances, indices) of the k nearest training rows, best first."""
         check_is_fitted(self, "X_")
         X = np.ascontiguousarray(validate_data(self, X, dtype=np.float32, reset=False))
         k = min(int(k or self.k), len(self.X_))
-        index = self._faiss_index()
+        index = self._index
         out_d, out_i = [], []
         for start in range(0, len(X), self.batch_size):
             d, i = index.search(X[start:start + self.batch_size], k)

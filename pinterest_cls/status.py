@@ -82,7 +82,7 @@ def _shard_entry(meta, index, count, lo, hi, rec) -> dict:
 
 
 def status(cfg: DictConfig) -> list[dict]:
-    root = config.embeddings_dir(cfg, "")
+    root = config.embeddings_root(cfg)
     if OmegaConf.select(cfg, "backbones", default=None):
         names = [str(b.name) for b in backbone_configs(cfg)]
     else:

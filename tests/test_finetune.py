@@ -177,6 +177,31 @@ def test_idx_data_and_unreadable_idx(tmp_path):
         run(tmp_path, "data=fashion_mnist", f"data.root={tmp_path / 'nowhere'}")
 
 
+def test_idx_data_written_as_a_csv_export(tmp_path):
+    """write_idx_export: the first N images of each split as PNG pins, with the class names, in the table the
+    csv layout reads."""
+    import pandas as pd
+    from PIL import Image
+
+    from pinterest_cls.finetuning.data import write_idx_export
+
+    x, y = patterns(n=50)
+    d = tmp_path / "fm"
+    d.mkdir()
+    write_idx(d / "train-images-idx3-ubyte.gz", x[:40, ..., 0])
+    write_idx(d / "train-labels-idx1-ubyte.gz", y[:40])
+    write_idx(d / "t10k-images-idx3-ubyte.gz", x[40:, ..., 0])
+    write_idx(d / "t10k-labels-idx1-ubyte.gz", y[40:])
+    dcfg = make_cfg("finetune", ["data=fashion_mnist", f"data.root={d}", "data.classes=[a,b,c]"]).data
+    table = write_idx_export(dcfg, tmp_path / "export", {"train": 30})
+    rows = pd.read_csv(table)
+    assert table.name == "fashion_mnist.csv" and list(rows.columns) == ["path", "label", "split"]
+    assert (rows["split"] == "train").sum() == 30 and (rows["split"] == "test").sum() == 10
+    assert list(rows["label"][:3]) == [["a", "b", "c"][int(v)] for v in y[:3]]
+    last = rows[rows["split"] == "test"].iloc[-1]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "export" / last["path"])), x[49, ..., 0])
+
+
 def test_bad_input(tmp_path):
     x, y = patterns(n=60)
     with pytest.raises(UserError, match=r"has no array 'labels' \(data.labels_key\)"):

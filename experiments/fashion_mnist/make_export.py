@@ -9,12 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pandas as pd
-from PIL import Image
-
-from pinterest_cls.finetuning.data import read_idx
-
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+from pinterest_cls.config import compose
+from pinterest_cls.finetuning.data import write_idx_export
 
 
 def main() -> None:
@@ -22,21 +18,9 @@ def main() -> None:
     ap.add_argument("--idx", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--out", default="/tmp/fmnist")
     args = ap.parse_args()
-    idx, out = Path(args.idx), Path(args.out)
-    rows = []
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = read_idx(idx / f"{prefix}-images-idx3-ubyte.gz")
-        labels = read_idx(idx / f"{prefix}-labels-idx1-ubyte.gz")
-        folder = out / "images" / split
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, (im, y) in enumerate(zip(images, labels)):
-            name = f"images/{split}/{i:05d}.png"
-            if not (out / name).exists():
-                Image.fromarray(im, "L").save(out / name)
-            rows.append((name, CLASSES[int(y)], split))
-    table = out / "fashion_mnist.csv"
-    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(table, index=False)
-    print(f"wrote {len(rows)} PNGs and {table}")
+    dcfg = compose("finetune", ["data=fashion_mnist", f"data.root={args.idx}"]).data
+    table = write_idx_export(dcfg, Path(args.out))
+    print(f"wrote the PNGs and {table}")
 
 
 if __name__ == "__main__":

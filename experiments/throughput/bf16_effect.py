@@ -19,32 +19,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-from PIL import Image
 
-from pinterest_cls.config import compose
+from pinterest_cls.config import compose, embeddings_dir
 from pinterest_cls.extract import extract
-from pinterest_cls.finetuning.data import read_idx
+from pinterest_cls.finetuning.data import write_idx_export
 from pinterest_cls.scan import scan
 from pinterest_cls.store import open_embeddings
-
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-
-def write_subset(idx: Path, out: Path, n_train: int, n_test: int) -> Path:
-    rows = []
-    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
-        images = read_idx(idx / f"{prefix}-images-idx3-ubyte.gz")[:n]
-        labels = read_idx(idx / f"{prefix}-labels-idx1-ubyte.gz")[:n]
-        (out / split).mkdir(parents=True, exist_ok=True)
-        for i, (im, y) in enumerate(zip(images, labels)):
-            name = f"{split}/{i:05d}.png"
-            if not (out / name).exists():
-                Image.fromarray(im, "L").save(out / name)
-            rows.append((name, CLASSES[int(y)], split))
-    table = out / "pins.csv"
-    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(table, index=False)
-    return table
 
 
 def accuracies(X: np.ndarray, y: np.ndarray, train: np.ndarray) -> dict[str, tuple[float, np.ndarray]]:
@@ -70,7 +50,8 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/bf16_effect")
     args = ap.parse_args()
     base = Path(args.dir)
-    table = write_subset(Path(args.idx), base / "pins", args.n_train, args.n_test)
+    dcfg = compose("finetune", ["data=fashion_mnist", f"data.root={args.idx}"]).data
+    table = write_idx_export(dcfg, base / "pins", {"train": args.n_train, "test": args.n_test})
     stores = {}
     for amp in ("off", "bf16"):
         work = base / f"work_{amp}"
@@ -81,7 +62,7 @@ def main() -> None:
                                   "store.dtype=float32", "mlflow.enabled=false"])
         scan(cfg, progress=False)
         meta = extract(cfg, progress=False)
-        emb, index, meta = open_embeddings(work / "pins" / "embeddings" / "efficientnet_lite0")
+        emb, index, meta = open_embeddings(embeddings_dir(cfg))
         stores[amp] = (np.asarray(emb, dtype=np.float64), index, meta)
     (a, index, ma), (b, _, mb) = stores["off"], stores["bf16"]
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

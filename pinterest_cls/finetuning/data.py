@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
@@ -48,6 +49,29 @@ def read_idx(path: Path) -> np.ndarray:
                         "`apt-get install dataset-fashion-mnist`, or point data.root at the *-ubyte.gz files") from None
     except (OSError, ValueError, struct.error, EOFError) as exc:
         raise UserError(f"IDX file {path} cannot be read: {exc}") from None
+
+
+def write_idx_export(dcfg: DictConfig, out: Path, limits: dict[str, int] | None = None) -> Path:
+    """The IDX data that ``dcfg`` (``conf/data/fashion_mnist.yaml``) describes, written as an export that scan,
+    extract and train read with ``data.layout=csv``: ``images/<split>/<i>.png`` and ``<data.name>.csv`` with
+    columns path, label (the class name) and split (train | test, the data's own split). ``limits``: the first
+    N images of a split (``{"train": 3000, "test": 1000}``). Existing PNGs are kept."""
+    from PIL import Image
+
+    root, rows = Path(str(dcfg.root)).expanduser(), []
+    parts = (("train", dcfg.train_images, dcfg.train_labels), ("test", dcfg.test_images, dcfg.test_labels))
+    for split, images_file, labels_file in parts:
+        n = (limits or {}).get(split)
+        images, labels = read_idx(root / images_file)[:n], read_idx(root / labels_file)[:n]
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        for i, (im, y) in enumerate(zip(images, labels)):
+            name = f"images/{split}/{i:05d}.png"
+            if not (out / name).exists():
+                Image.fromarray(im, "L").save(out / name)
+            rows.append((name, str(dcfg.classes[int(y)]), split))
+    table = out / f"{dcfg.name}.csv"
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(table, index=False)
+    return table
 
 
 def load_idx(dcfg) -> Source:
