@@ -84,6 +84,11 @@ def report_dir(cfg: DictConfig) -> Path:
     return _path(cfg, "paths.report")
 
 
+def audit_dir(cfg: DictConfig, backbone: str | None = None) -> Path:
+    """``paths.audit``/<backbone>: the audit's findings for one store."""
+    return _path(cfg, "paths.audit") / str(backbone or select(cfg, "backbone.name"))
+
+
 def job_output_dir() -> Path:
     """The Hydra job's output folder when running under Hydra, else a new temporary folder."""
     try:

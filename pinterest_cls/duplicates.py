@@ -11,34 +11,25 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-
-def normalized(emb: np.ndarray, block: int = 65536) -> np.ndarray:
-    """float32 rows of unit length (zero rows stay zero), read from a memory map block by block."""
-    out = np.empty(emb.shape, dtype=np.float32)
-    for lo in range(0, len(emb), block):
-        x = np.asarray(emb[lo:lo + block], dtype=np.float32)
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        out[lo:lo + block] = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-    return out
+from .neighbors import FaissNeighbors
 
 
-def near_pairs(emb: np.ndarray, threshold: float, k: int = 10, block: int = 8192) -> pd.DataFrame:
-    """Pairs of rows (``a < b``) whose cosine similarity is at least ``threshold``, among each row's ``k``
-    nearest neighbours: columns ``a, b, similarity``."""
-    import faiss
-
-    x = normalized(emb)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    found = []
-    for lo in range(0, len(x), block):
-        sims, ids = index.search(x[lo:lo + block], min(k + 1, len(x)))
-        rows = np.arange(lo, lo + len(sims))[:, None].repeat(sims.shape[1], axis=1)
-        keep = (sims >= threshold) & (ids >= 0) & (ids != rows)
-        a, b = np.minimum(rows[keep], ids[keep]), np.maximum(rows[keep], ids[keep])
-        found.append(pd.DataFrame({"a": a, "b": b, "similarity": sims[keep]}))
-    pairs = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=["a", "b", "similarity"])
+def pairs_from_graph(sims: np.ndarray, ids: np.ndarray, threshold: float) -> pd.DataFrame:
+    """Pairs of rows (``a < b``) joined in a k-nearest-neighbour graph (``FaissNeighbors.self_graph``) with cosine
+    similarity at least ``threshold``: columns ``a, b, similarity``, most similar first."""
+    rows = np.arange(len(ids))[:, None].repeat(ids.shape[1], axis=1)
+    keep = (sims >= threshold) & (ids >= 0)
+    a, b = np.minimum(rows[keep], ids[keep]), np.maximum(rows[keep], ids[keep])
+    pairs = pd.DataFrame({"a": a, "b": b, "similarity": sims[keep]})
     return pairs.sort_values("similarity", ascending=False).drop_duplicates(["a", "b"]).reset_index(drop=True)
+
+
+def near_pairs(emb: np.ndarray, threshold: float, k: int = 10, block: int = 8192,
+               exact_max: int | None = None) -> pd.DataFrame:
+    """Pairs of rows (``a < b``) whose cosine similarity is at least ``threshold``, among each row's ``k``
+    nearest neighbours: columns ``a, b, similarity``. Exact search unless the rows exceed ``exact_max``."""
+    nn = FaissNeighbors(k, exact_max=len(emb) if exact_max is None else exact_max, block=block).fit(emb)
+    return pairs_from_graph(*nn.self_graph(), threshold)
 
 
 def exact_pairs(digests) -> pd.DataFrame:
@@ -61,14 +52,16 @@ def components(n: int, pairs: pd.DataFrame) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def duplicate_groups(digests, emb: np.ndarray | None, threshold: float | None, k: int = 10) -> pd.DataFrame:
+def duplicate_groups(digests, emb: np.ndarray | None, threshold: float | None, k: int = 10,
+                     near: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per pin: ``group`` (-1 for a pin with no copy; else an id shared by its copies), ``kind``
     (``exact``: it has a byte-identical copy; ``near``: only copies found by similarity; ``""``), and the
-    edges behind them (``pairs``, in ``DataFrame.attrs``)."""
+    edges behind them (``pairs``, in ``DataFrame.attrs``). Near pairs are searched in ``emb`` unless given."""
     n = len(digests)
     exact = exact_pairs(digests)
-    near = near_pairs(emb, threshold, k) if emb is not None and threshold is not None and n > 1 else \
-        pd.DataFrame(columns=["a", "b", "similarity"])
+    if near is None:
+        near = near_pairs(emb, threshold, k) if emb is not None and threshold is not None and n > 1 else \
+            pd.DataFrame(columns=["a", "b", "similarity"])
     edges = pd.concat([exact.assign(kind="exact"), near.assign(kind="near")], ignore_index=True)
     comp = components(n, edges)
     sizes = np.bincount(comp, minlength=n)

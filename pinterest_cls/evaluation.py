@@ -78,12 +78,13 @@ def split_settings(split) -> str:
     return " ".join([f"split={name}"] + [f"{k}={split.get(k)}" for k in keys])
 
 
-def protocol_settings(split, max_per_category, sampling_seed, inner: str, repins: str) -> str:
+def protocol_settings(split, max_per_category, sampling_seed, inner: str, repins: str, exclusion: str = "") -> str:
     """What makes two train runs' scores comparable, the manifest's rows aside: the split and its parameters,
     the per-category cap and its seed, how the inner CV folds were made (``by board``, ``by pin``, or
-    ``by pin, leaky`` when the data has boards), and how copies across the split were handled."""
+    ``by pin, leaky`` when the data has boards), how copies across the split were handled, and which pins the
+    audit's findings took out (``exclusion``; nothing is added when none were)."""
     return (f"{split_settings(split)}; cap={max_per_category} seed={sampling_seed}; inner CV {inner}; "
-            f"repins {repins}")
+            f"repins {repins}" + (f"; {exclusion}" if exclusion else ""))
 
 
 def repins_settings(mode: str, threshold, keep_one: bool = False) -> str:

@@ -52,9 +52,8 @@ def board_keys(frame: pd.DataFrame) -> np.ndarray:
     return (frame["user"].astype(str) + "/" + frame["board"].astype(str)).to_numpy()
 
 
-def find_repins(cfg: DictConfig, frame: pd.DataFrame, X: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Duplicate group of each sampled pin (-1: no copy among them), from the scan's content digests (exact
-    copies) and the embeddings (near copies: cosine >= ``repins.threshold``), and counts for the run."""
+def pin_digests(cfg: DictConfig, frame: pd.DataFrame) -> np.ndarray:
+    """The scan's content digest of each pin of ``frame`` (by path; None where the manifest has none)."""
     digests = np.full(len(frame), None, dtype=object)
     manifest_path = config.data_dir(cfg) / MANIFEST
     if manifest_path.is_file():
@@ -63,7 +62,14 @@ def find_repins(cfg: DictConfig, frame: pd.DataFrame, X: np.ndarray) -> tuple[np
             digests = frame["path"].map(manifest.set_index("path")["digest"]).to_numpy(dtype=object)
     if pd.isna(digests).all():
         log.warning(f"note: {manifest_path} has no content digests (scanned before they were recorded): exact copies "
-              "are found only as near copies; re-run scan to record them")
+                    "are found only as near copies; re-run scan to record them")
+    return digests
+
+
+def find_repins(cfg: DictConfig, frame: pd.DataFrame, X: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Duplicate group of each sampled pin (-1: no copy among them), from the scan's content digests (exact
+    copies) and the embeddings (near copies: cosine >= ``repins.threshold``), and counts for the run."""
+    digests = pin_digests(cfg, frame)
     threshold = None if cfg.repins.threshold is None else float(cfg.repins.threshold)
     found = duplicate_groups(digests, X if threshold is not None else None, threshold, k=int(cfg.repins.k))
     groups = found["group"].to_numpy()
@@ -124,6 +130,8 @@ def split_table(frame: pd.DataFrame, splits: Splits, groups: np.ndarray | None) 
         if groups is not None:
             tested = set(groups[te][groups[te] >= 0])
             reason[(side == "dropped") & np.isin(groups, list(tested))] = "a copy is on the test side"
+        if "audit_excluded" in splits.info:
+            reason[splits.info["audit_excluded"][f]] = "flagged by the audit (audit.exclude)"
         if "keep_one_dropped" in splits.info:
             reason[splits.info["keep_one_dropped"][f]] = "another copy is kept on this side (repins.keep_one)"
         part = frame[["user", "board", "pin"]].copy()

@@ -14,6 +14,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from . import config
+from .auditing import apply_exclusions, exclusion_settings
 from .errors import UserError, user_errors_exit
 from .estimators import fit_and_test
 from .evaluation import bootstrap_metrics, fold_mean, protocol, protocol_settings, repins_settings
@@ -52,6 +53,8 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     X = load_xy(emb, frame)
     y = frame["category"].to_numpy().astype(str)
     splits, groups, repin_info = split_for_run(cfg, frame, X, y)
+    splits, excluded = apply_exclusions(cfg, frame, splits, meta.get("fingerprint", {}).get("rows_sha256", ""))
+    repin_info.update(excluded)
     out = config.job_output_dir()
     split_table(frame, splits, groups).to_csv(out / "split.csv", index=False)
     name = f"{cfg.backbone.name}-{cfg.classifier.name}"
@@ -99,8 +102,9 @@ def _params(cfg, splits, fitted, meta, folder, frame, categories, repin_info, ci
     split_cfg = OmegaConf.merge(cfg.split, {"name": splits.name})
     inner_kind = "by board" if "by board" in fitted.cv_desc else ("by pin, leaky" if fitted.leaky else "by pin")
     repins = repins_settings(str(cfg.repins.mode), cfg.repins.threshold, bool(cfg.repins.keep_one))
+    exclusion = exclusion_settings(config.select(cfg, "audit.exclude"), str(config.select(cfg, "audit.exclude_from")))
     run_protocol = protocol(protocol_settings(split_cfg, cfg.sampling.max_per_category, int(cfg.sampling.seed),
-                                              inner_kind, repins),
+                                              inner_kind, repins, exclusion),
                             meta.get("fingerprint", {}).get("rows_sha256", ""))
     params = {
         "backbone": str(cfg.backbone.name), "classifier": str(cfg.classifier.name), "split": splits.name,
