@@ -373,13 +373,21 @@ def _duplicate_section(page: Page, d: pd.DataFrame, top: int) -> None:
     if d.empty:
         page.paragraph("No copies found.")
         return
+    groups = []
     for gid, g in list(d.groupby("group", sort=True))[:top]:
         first = g.iloc[0]
-        spans = f"{first.group_size} pins, {first.group_boards} boards, {first.group_users} users, " \
-                f"{first.group_categories} categories"
+        spans = " · ".join(_count(n, word) for n, word in ((first.group_size, "pin"), (first.group_boards, "board"),
+                                                           (first.group_users, "user"),
+                                                           (first.group_categories, "category")))
         tiles = [page.tile(r.path, _key(r), [esc(f"{r.user}/{r.board}/{r.pin}"), esc(f"{r.category} ({r.kind})")])
                  for r in g.head(8).itertuples()]
-        page.raw(f'<div class="group"><b>group {gid}</b>: {esc(spans)}<div class="tiles">{"".join(tiles)}</div></div>')
+        groups.append(f'<div class="group"><b>group {gid}</b>: {esc(spans)}<div class="tiles">{"".join(tiles)}'
+                      "</div></div>")
+    page.tiles(groups)
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {'categories' if word == 'category' else word + 's'}"
 
 
 def _label_section(page: Page, labels: pd.DataFrame, top: int) -> None:

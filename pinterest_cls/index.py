@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from .embedding import backbone_from_meta, embed_paths
 from .errors import UserError
 from .fileio import file_sha256
+from .images import ImageDecodeError, load_rgb
 from .store import META
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,10 @@ def query_vector(cfg: DictConfig, emb, index_df: pd.DataFrame, meta: dict) -> tu
     path = Path(str(q)).expanduser()
     if not path.is_file():
         raise UserError(f"query={q} is not a file")
+    try:  # decoded once before the model is built, so a file that is not an image fails at once
+        load_rgb(path)
+    except ImageDecodeError as exc:
+        raise UserError(f"query={q} is not an image ({exc})") from None
     backbone = backbone_from_meta(meta)
     vec, reasons = embed_paths(backbone, [str(path)], batch_size=1, workers=0,
                                amp=meta.get("extract", {}).get("amp", "auto"),

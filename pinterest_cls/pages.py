@@ -16,7 +16,8 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-size: 0.9em; } td, th { border: 1px solid #ddd; padding: 3px 8px; }
 th { background: #f4f4f4; } .tiles { display: flex; flex-wrap: wrap; gap: 10px; }
-.tile { width: 140px; font-size: 0.8em; } .tile img { width: 128px; height: 128px; object-fit: cover; }
+.tile { width: 140px; font-size: 0.8em; overflow-wrap: anywhere; }
+.tile img { width: 128px; height: 128px; object-fit: cover; }
 .group { border: 1px solid #ccc; padding: 6px; margin: 6px 0; } .muted { color: #777; }
 .bad { color: #b00; } .good { color: #070; }
 """

@@ -20,12 +20,12 @@ from .store import open_store
 
 
 def search(cfg: DictConfig) -> pd.DataFrame:
-    emb, index_df, meta, folder = open_store(cfg)
-    index, rows, info = load_or_build(folder, emb, index_df, cfg)
-    vec, desc, query_row = query_vector(cfg, emb, index_df, meta)
     k = int(cfg.k)
     if k < 1:
         raise UserError(f"k={k} must be >= 1")
+    emb, index_df, meta, folder = open_store(cfg)
+    vec, desc, query_row = query_vector(cfg, emb, index_df, meta)  # a bad query fails before any index or model
+    index, rows, info = load_or_build(folder, emb, index_df, cfg)
     scores, ids = index.search(normalized(vec), min(len(rows), k + (query_row is not None)))
     found = [(float(s), int(rows[i])) for s, i in zip(scores[0], ids[0]) if i >= 0 and rows[i] != query_row][:k]
     by_row = index_df.set_index("row")

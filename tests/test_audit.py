@@ -215,3 +215,16 @@ def test_audit_without_a_store_exits_2_with_one_line(tmp_path):
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "no embeddings for backbone efficientnet_lite0" in lines[0]
     assert "run first: python -m pinterest_cls.extract" in lines[0]
+
+
+def test_exclude_from_all_also_leaves_flagged_pins_out_of_the_test_side(audited):
+    common = [*audited["common"], "classifier=logreg", "classifier.grid.C=[1]", "train.n_jobs=1",
+              "mlflow.enabled=false", "train.bootstrap=0", "split=kfold", "split.folds=3",
+              "audit.exclude=[off_topic]", "audit.exclude_from=all"]
+    result = train(make_cfg("train", common))
+    split = pd.read_csv(result["output_dir"] / "split.csv", dtype=str)
+    drift = split[split["board"] == "blue_drift"]
+    assert len(drift) == 6 * 3 and (drift["side"] == "dropped").all()  # in every fold, on neither side
+    assert (drift["reason"] == "flagged by the audit (audit.exclude)").all()
+    assert result["params"]["n_test"] == audited["counts"]["pins"] - 6
+    assert "audit-excluded off_topic from all" in result["params"]["protocol"]

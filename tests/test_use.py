@@ -86,6 +86,21 @@ def test_search_by_image_and_by_pin(trained, tmp_path):
     assert proc.returncode == 2 and f"query={not_image} is not an image (cannot identify image file)" in proc.stderr
 
 
+def test_search_checks_its_query_before_building_the_model(trained, monkeypatch, tmp_path):
+    import pinterest_cls.index as index_module
+
+    work, _ = trained
+
+    def no_model(meta):
+        raise AssertionError("the backbone was built for a query that is not an image")
+
+    monkeypatch.setattr(index_module, "backbone_from_meta", no_model)
+    not_image = tmp_path / "README.md"
+    not_image.write_text("# not an image\n")
+    with pytest.raises(UserError, match=r"query=.*README.md is not an image \(cannot identify image file\)"):
+        search(cfg("search", work, f"query={not_image}"))
+
+
 def test_predict_end_to_end(trained, tmp_path):
     work, result = trained
     export = work / "demo" / "export"
