@@ -19,7 +19,7 @@ from pinterest_cls.errors import UserError
 from pinterest_cls.extract import extract
 from pinterest_cls.train import train
 
-from .conftest import make_cfg, run_verb
+from .conftest import make_cfg, make_pinterest_export, run_verb
 
 COLOURS = {"red": (215, 45, 40), "green": (40, 190, 60), "blue": (45, 60, 215)}
 PIX = ["backbone=pixels", "backbone.image_size=16"]
@@ -228,3 +228,13 @@ def test_exclude_from_all_also_leaves_flagged_pins_out_of_the_test_side(audited)
     assert (drift["reason"] == "flagged by the audit (audit.exclude)").all()
     assert result["params"]["n_test"] == audited["counts"]["pins"] - 6
     assert "audit-excluded off_topic from all" in result["params"]["protocol"]
+
+
+def test_a_store_with_a_single_board_category_is_refused_by_name(tmp_path):
+    root = make_pinterest_export(tmp_path / "few", {("u0", "a0"): "apples", ("u1", "a1"): "apples",
+                                                    ("u0", "b0"): "bananas"}, pins_per_board=3)
+    common = [f"paths.work={tmp_path / 'work'}", f"data.root={root}", *PIX, "mlflow.enabled=false"]
+    extract(make_cfg("extract", [*common, "extract.workers=0"]), progress=False)
+    with pytest.raises(UserError, match="at least two boards per category .* one board only: bananas. Add boards"):
+        audit(make_cfg("audit", common), progress=False)
+    assert not (tmp_path / "work" / "few" / "audit").exists()  # nothing half-written
