@@ -55,9 +55,11 @@ def cluster(cfg: DictConfig) -> dict:
     composition.to_csv(out / "composition.csv")
     proj_idx = np.sort(rng.choice(len(X), min(len(X), int(c.projection_sample)), replace=False))
     xy = projection(X[proj_idx], str(c.projection), seed)
-    title = f"{cfg.backbone.name}: k-means k={k}, {c.projection} of {len(proj_idx)} pins"
-    scatter_plot(xy, [f"cluster {a}" for a in assign[proj_idx]], out / "projection_by_cluster.png", title)
-    scatter_plot(xy, categories[proj_idx], out / "projection_by_category.png", title)
+    title = f"{cfg.backbone.name}: {c.projection} of {len(proj_idx)} pins, coloured by"
+    scatter_plot(xy, [f"cluster {a}" for a in assign[proj_idx]], out / "projection_by_cluster.png",
+                 f"{title} k-means cluster (k={k})", palette="Dark2" if k <= 8 else "tab20b", legend_title="cluster")
+    scatter_plot(xy, categories[proj_idx], out / "projection_by_category.png", f"{title} category",
+                 legend_title="category")
     model_dir = folder / "clusters" / f"k{k}"
     model_dir.mkdir(parents=True, exist_ok=True)
     np.save(model_dir / "centroids.npy", km.cluster_centers_)

@@ -8,6 +8,8 @@ search measured on a sample of stored vectors and reported.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 import pandas as pd
 from omegaconf import DictConfig
@@ -35,7 +37,9 @@ def search(cfg: DictConfig) -> pd.DataFrame:
     out = config.job_output_dir()
     hits.to_csv(out / "neighbors.csv", index=False)
     query_path = str(cfg.query) if cfg.query is not None else str(by_row.at[query_row, "path"])
-    contact_sheet(query_path, hits, out / "contact_sheet.png")
+    query_label = Path(query_path).name if query_row is None else \
+        f"{by_row.at[query_row, 'pin']}\n{by_row.at[query_row, 'category']}"
+    contact_sheet(query_path, hits, out / "contact_sheet.png", query_label=query_label)
     print(f"{k} nearest pins to {desc} ({info['kind']} index over {info['n']} {cfg.backbone.name} embeddings):")
     print(hits.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"wrote {out / 'neighbors.csv'} and {out / 'contact_sheet.png'}", flush=True)
