@@ -276,7 +276,8 @@ class FaissKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"n_clusters={self.n_clusters} must be between 1 and the number of samples ({len(X)})")
         km = faiss.Kmeans(X.shape[1], int(self.n_clusters), niter=int(self.max_iter), nredo=int(self.n_init),
                           spherical=bool(self.spherical), seed=int(self.random_state), verbose=False,
-                          max_points_per_centroid=max(256, -(-len(X) // int(self.n_clusters))))
+                          max_points_per_centroid=max(256, -(-len(X) // int(self.n_clusters))),
+                          min_points_per_centroid=1)  # every point is used: faiss' "provide more points" is moot
         km.train(X)
         self.cluster_centers_ = np.asarray(km.centroids, dtype=np.float32)
         self.objective_ = float(km.obj[-1]) if len(km.obj) else float("nan")

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 def ok_rows(cfg: DictConfig):
     """The manifest's ok rows (running ``scan`` first when there is no manifest yet)."""
     out = config.data_dir(cfg)
+    if not (out / MANIFEST).is_file():
+        config.data_root(cfg)  # a missing export fails here, before a folder (and its lock) is made for it
     with locked(out):  # parallel shard jobs: the first scans, the others wait and read its manifest
         if not (out / MANIFEST).is_file():
             log.info(f"No manifest in {out}: scanning first.")

@@ -142,3 +142,11 @@ def test_cli_errors_and_mlflow_run(tmp_path, export):
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "plots")}
     assert any(p.endswith(".png") for p in arts)
     assert (work / "mlartifacts" / "exp").is_dir()
+
+
+def test_a_missing_export_leaves_no_folder_behind(tmp_path):
+    work = tmp_path / "work"
+    with pytest.raises(UserError, match="data.root=.*missing does not exist"):
+        extract(make_cfg("extract", [f"paths.work={work}", f"data.root={tmp_path / 'missing'}",
+                                     "mlflow.enabled=false"]), progress=False)
+    assert not (work / "missing").exists()
