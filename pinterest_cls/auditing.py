@@ -57,13 +57,13 @@ class Findings:
 
     def counts(self) -> dict:
         d = self.duplicates
-        per_group = d.groupby("group").first() if len(d) else d
+        per_group = d.groupby("group").first()  # empty (with its columns) when nothing was copied
         return {
-            "pins": len(self.frame), "duplicate_groups": int(d["group"].nunique()) if len(d) else 0,
+            "pins": len(self.frame), "duplicate_groups": int(d["group"].nunique()),
             "pins_in_duplicate_groups": len(d),
-            "duplicate_groups_across_boards": int((per_group["group_boards"] > 1).sum()) if len(d) else 0,
-            "duplicate_groups_across_users": int((per_group["group_users"] > 1).sum()) if len(d) else 0,
-            "duplicate_groups_across_categories": int((per_group["group_categories"] > 1).sum()) if len(d) else 0,
+            "duplicate_groups_across_boards": int((per_group["group_boards"] > 1).sum()),
+            "duplicate_groups_across_users": int((per_group["group_users"] > 1).sum()),
+            "duplicate_groups_across_categories": int((per_group["group_categories"] > 1).sum()),
             "label_issues": int(self.label_issues["is_issue"].sum()), "boards": len(self.boards),
             "off_topic_boards": int(self.boards["is_off_topic"].sum()),
             "outliers": int(self.outliers["is_outlier"].sum()),
@@ -170,7 +170,7 @@ def duplicate_table(frame: pd.DataFrame, digests: np.ndarray, sims: np.ndarray, 
     cols = KEYS + ["category", "path"]
     d = frame[cols].assign(group=found["group"].to_numpy(), kind=found["kind"].to_numpy())
     d = d[d["group"] >= 0].copy()
-    d["board_key"] = d["user"] + "/" + d["board"]
+    d["board_key"] = _joined(d, KEYS[:2])
     g = d.groupby("group")
     d["group_size"] = g["pin"].transform("size")
     d["group_boards"] = g["board_key"].transform("nunique")
@@ -215,7 +215,7 @@ def run_audit(cfg: DictConfig, emb, frame: pd.DataFrame, digests: np.ndarray, by
     classes, y = np.unique(frame["category"].to_numpy(), return_inverse=True)
     if len(classes) < 2:
         raise UserError(f"audit needs at least two categories; the store has {len(classes)}")
-    groups = (frame["user"] + "/" + frame["board"]).to_numpy() if by_board else np.arange(len(frame))
+    groups = _joined(frame, KEYS[:2]).to_numpy() if by_board else np.arange(len(frame))
     n_folds = int(a.folds)
     if n_folds < 2:
         raise UserError(f"audit.folds={n_folds} must be >= 2")
@@ -274,10 +274,9 @@ def flagged(folder: Path, frame: pd.DataFrame, kinds: list[str], rows_sha256: st
     if info.get("rows_sha256") != rows_sha256:
         raise UserError(f"the audit in {folder} was made on other embeddings than this store's; re-run "
                         "python -m pinterest_cls.audit before training with audit.exclude")
-    keys = frame[KEYS].astype(str).agg("/".join, axis=1)
     mask, per_kind = np.zeros(len(frame), dtype=bool), {}
     for kind in kinds:
-        hit = keys.isin(_flagged_keys(folder, kind)).to_numpy()
+        hit = _flagged_mask(folder, frame, kind)
         per_kind[kind] = int(hit.sum())
         mask |= hit
     return mask, per_kind
@@ -317,28 +316,27 @@ def exclusion_settings(kinds, sides: str) -> str:
     return f"audit-excluded {','.join(kinds)} from {sides}" if kinds else ""
 
 
-def _flagged_keys(folder: Path, kind: str) -> set[str]:
-    def key(df: pd.DataFrame) -> set[str]:
-        return set(df[KEYS].astype(str).agg("/".join, axis=1)) if len(df) else set()
+def _joined(df: pd.DataFrame, columns: list[str]) -> pd.Series:
+    """``user/board/pin`` (or ``user/board``) of each row, built column-wise."""
+    out = df[columns[0]].astype(str)
+    for c in columns[1:]:
+        out = out + "/" + df[c].astype(str)
+    return out
 
-    read = {"label_issues": "label_issues", "off_topic": "boards", "duplicates": "duplicates",
-            "outliers": "outliers"}[kind]
-    df = pd.read_csv(folder / FILES[read], dtype={k: str for k in KEYS}, keep_default_na=False)
-    if kind == "label_issues":
-        return key(df[df["is_issue"]])
-    if kind == "outliers":
-        return key(df[df["is_outlier"]])
+
+def _flagged_mask(folder: Path, frame: pd.DataFrame, kind: str) -> np.ndarray:
+    """Which of ``frame``'s pins the audit flags for ``kind``: the pins of off-topic boards, all but the first pin
+    of each duplicate group, or the pins marked ``is_issue`` / ``is_outlier``."""
+    df = pd.read_csv(folder / FILES["boards" if kind == "off_topic" else kind], dtype={k: str for k in KEYS},
+                     keep_default_na=False)
     if kind == "off_topic":
-        off = df[df["is_off_topic"]]
-        return _board_pins(folder, off)
-    kept, _ = keep_one(np.arange(len(df)), df["group"].to_numpy())  # one pin per group stays
-    return key(df.drop(index=kept))
-
-
-def _board_pins(folder: Path, boards: pd.DataFrame) -> set[str]:
-    labels = pd.read_csv(folder / FILES["label_issues"], dtype={k: str for k in KEYS}, keep_default_na=False)
-    on = labels.merge(boards[["user", "board"]], on=["user", "board"])
-    return set(on[KEYS].agg("/".join, axis=1)) if len(on) else set()
+        return _joined(frame, KEYS[:2]).isin(set(_joined(df[df["is_off_topic"]], KEYS[:2]))).to_numpy()
+    if kind == "duplicates":
+        kept, _ = keep_one(np.arange(len(df)), df["group"].to_numpy())  # one pin per group stays
+        df = df.drop(index=kept)
+    else:
+        df = df[df[{"label_issues": "is_issue", "outliers": "is_outlier"}[kind]]]
+    return _joined(frame, KEYS).isin(set(_joined(df, KEYS))).to_numpy()
 
 
 # --- the page ----------------------------------------------------------------------------------------------------
@@ -363,7 +361,7 @@ def write_page(folder: Path, findings: Findings, title: str, top: int = 24) -> P
     return page.write()
 
 
-def _key(r) -> str:
+def _thumb_name(r) -> str:
     """A file name for a pin's thumbnail (a digest: pin names may hold any character)."""
     return hashlib.sha1(f"{r.user}/{r.board}/{r.pin}".encode()).hexdigest()[:16]
 
@@ -379,7 +377,8 @@ def _duplicate_section(page: Page, d: pd.DataFrame, top: int) -> None:
         spans = " · ".join(_count(n, word) for n, word in ((first.group_size, "pin"), (first.group_boards, "board"),
                                                            (first.group_users, "user"),
                                                            (first.group_categories, "category")))
-        tiles = [page.tile(r.path, _key(r), [esc(f"{r.user}/{r.board}/{r.pin}"), esc(f"{r.category} ({r.kind})")])
+        tiles = [page.tile(r.path, _thumb_name(r),
+                           [esc(f"{r.user}/{r.board}/{r.pin}"), esc(f"{r.category} ({r.kind})")])
                  for r in g.head(8).itertuples()]
         groups.append(f'<div class="group"><b>group {gid}</b>: {esc(spans)}<div class="tiles">{"".join(tiles)}'
                       "</div></div>")
@@ -396,7 +395,7 @@ def _label_section(page: Page, labels: pd.DataFrame, top: int) -> None:
     if shown.empty:
         page.paragraph("cleanlab flags no pin.")
         return
-    page.tiles([page.tile(r.path, _key(r), [esc(f"{r.user}/{r.board}/{r.pin}"),
+    page.tiles([page.tile(r.path, _thumb_name(r), [esc(f"{r.user}/{r.board}/{r.pin}"),
                                             f'given <span class="bad">{esc(r.given)}</span>',
                                             f'suggested <span class="good">{esc(r.suggested)}</span>',
                                             esc(f"score {r.score:.3f}")]) for r in shown.itertuples()])
@@ -409,7 +408,8 @@ def _board_section(page: Page, boards: pd.DataFrame, labels: pd.DataFrame, top: 
         page.paragraph("No board is off-topic.")
     for b in off.itertuples():
         pins = labels[(labels["user"] == b.user) & (labels["board"] == b.board)].head(8)
-        tiles = [page.tile(r.path, _key(r), [esc(r.pin), esc(f"predicted {r.suggested}")]) for r in pins.itertuples()]
+        tiles = [page.tile(r.path, _thumb_name(r), [esc(r.pin), esc(f"predicted {r.suggested}")])
+                 for r in pins.itertuples()]
         page.raw(f'<div class="group"><b>{esc(b.user)}/{esc(b.board)}</b>: labelled {esc(b.category)}, '
                  f"{b.pins} pins, agreement {b.agreement:.2f}; mostly {esc(b.belongs_to)} "
                  f'({b.belongs_share:.0%})<div class="tiles">{"".join(tiles)}</div></div>')
@@ -423,6 +423,6 @@ def _outlier_section(page: Page, outliers: pd.DataFrame, top: int) -> None:
     if shown.empty:
         page.paragraph("No pin flagged (audit.outlier_fraction=0).")
         return
-    page.tiles([page.tile(r.path, _key(r), [esc(f"{r.user}/{r.board}/{r.pin}"), esc(r.category),
+    page.tiles([page.tile(r.path, _thumb_name(r), [esc(f"{r.user}/{r.board}/{r.pin}"), esc(r.category),
                                             esc(f"score {r.score:.3f}, distance {r.mean_knn_distance:.3f}")])
                 for r in shown.itertuples()])

@@ -15,16 +15,12 @@ from .embedding import backbone_from_meta, embed_paths
 from .errors import UserError
 from .fileio import file_sha256
 from .images import ImageDecodeError, load_rgb
+from .neighbors import unit_rows
 from .store import META
 
 log = logging.getLogger(__name__)
 
 INDEX_DIR = "search_index"  # beside the store
-
-
-def normalized(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _exact(vectors: np.ndarray):
@@ -89,7 +85,7 @@ def load_or_build(folder: Path, emb, index_df: pd.DataFrame, cfg: DictConfig):
     if len(rows) == 0:
         raise UserError(f"no embedded rows in {folder}")
     t0 = time.perf_counter()
-    vectors = normalized(emb[rows])
+    vectors = unit_rows(emb[rows])
     index, kind = build_index(vectors, str(s.index), int(s.exact_max))
     info = {"settings": settings, "kind": kind, "n": int(len(rows)), "dim": int(vectors.shape[1]),
             "build_s": round(time.perf_counter() - t0, 3)}
