@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import pandas as pd
 from omegaconf import DictConfig
 
 from . import config
-from .errors import UserError, user_errors_exit
+from .cli import verb_main
+from .errors import UserError
 from .serving import EndToEnd, PinterestPyfuncModel, collect_inputs, load_run  # noqa: F401 (models logged before the serving module refer to pinterest_cls.predict.PinterestPyfuncModel)
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     return frame
 
 
-@hydra.main(config_path=config.CONF_DIR, config_name="predict", version_base="1.3")
-@user_errors_exit
+@verb_main("predict")
 def main(cfg: DictConfig) -> None:
     predict(cfg)
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
 from . import config
 from .catalog import format_report, scan_export
-from .errors import user_errors_exit
+from .cli import verb_main
 
 
 def scan(cfg: DictConfig, progress: bool = True) -> dict:
@@ -17,8 +16,7 @@ def scan(cfg: DictConfig, progress: bool = True) -> dict:
     return report
 
 
-@hydra.main(config_path=config.CONF_DIR, config_name="scan", version_base="1.3")
-@user_errors_exit
+@verb_main("scan")
 def main(cfg: DictConfig) -> None:
     scan(cfg)
 

@@ -8,12 +8,12 @@ search measured on a sample of stored vectors and reported.
 
 from __future__ import annotations
 
-import hydra
 import pandas as pd
 from omegaconf import DictConfig
 
 from . import config
-from .errors import UserError, user_errors_exit
+from .cli import verb_main
+from .errors import UserError
 from .index import load_or_build, query_vector
 from .neighbors import unit_rows
 from .plots import contact_sheet
@@ -44,8 +44,7 @@ def search(cfg: DictConfig) -> pd.DataFrame:
     return hits
 
 
-@hydra.main(config_path=config.CONF_DIR, config_name="search", version_base="1.3")
-@user_errors_exit
+@verb_main("search")
 def main(cfg: DictConfig) -> None:
     search(cfg)
 

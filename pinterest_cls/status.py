@@ -11,11 +11,11 @@ import shlex
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from . import config
-from .errors import UserError, user_errors_exit
+from .cli import verb_main
+from .errors import UserError
 from .extraction import backbone_configs
 from .store import FINGERPRINT_DEFAULTS, META, merge_records, read_records, shard_range
 
@@ -106,8 +106,7 @@ def status(cfg: DictConfig) -> list[dict]:
     return out
 
 
-@hydra.main(config_path=config.CONF_DIR, config_name="status", version_base="1.3")
-@user_errors_exit
+@verb_main("status")
 def main(cfg: DictConfig) -> None:
     out = status(cfg)
     if bool(cfg.status.require_complete) and any(s["state"] != "complete" for s in out):
