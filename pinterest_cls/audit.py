@@ -8,12 +8,11 @@ from __future__ import annotations
 import logging
 import time
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from . import config
 from .auditing import FILES, INFO, audited_pins, run_audit, write_findings, write_page
-from .errors import user_errors_exit
+from .cli import verb_main
 from .splits import has_boards, pin_digests
 from .store import open_store
 from .tracking import mlflow_run
@@ -37,29 +36,32 @@ def audit(cfg: DictConfig, progress: bool = True) -> dict:
     frame = audited_pins(index)
     log.info(f"audit {cfg.backbone.name}: {len(frame)} pins, {frame['category'].nunique()} categories, "
              f"{emb.shape[1]}-d, from {store}")
-    findings = run_audit(cfg, emb, frame, pin_digests(cfg, frame), has_boards(cfg), _bar(progress))
-    folder = config.audit_dir(cfg)
-    settings = OmegaConf.to_container(cfg.audit, resolve=True)
-    info = write_findings(folder, findings, meta, settings)
-    page = write_page(folder, findings, f"Audit of {cfg.data.name} with {cfg.backbone.name}", int(cfg.audit.page_top))
-    counts = info["counts"]
-    elapsed = time.perf_counter() - t0
-    log.info(f"  {counts['duplicate_groups']} duplicate groups ({counts['pins_in_duplicate_groups']} pins; "
-             f"{counts['duplicate_groups_across_boards']} across boards, {counts['duplicate_groups_across_users']} "
-             f"across users, {counts['duplicate_groups_across_categories']} across categories)")
-    log.info(f"  {counts['label_issues']} likely mislabeled pins (out-of-fold accuracy {info['oof_accuracy']:.3f}, "
-             f"{info['folds']} folds by {info['folds_by']})")
-    log.info(f"  {counts['off_topic_boards']} of {counts['boards']} boards off-topic; {counts['outliers']} outliers")
-    log.info(f"  findings in {folder}; page {page} ({elapsed:.1f} s)")
-    run_id = _log_run(cfg, counts, info, folder, page, elapsed)
-    return {"counts": counts, "info": info, "folder": folder, "page": page, "run_id": run_id}
+    with mlflow_run(cfg, f"{cfg.backbone.name}-audit", "audit", {"backbone": str(cfg.backbone.name)},
+                    embeddings=(store, meta, "audit")) as run:
+        findings = run_audit(cfg, emb, frame, pin_digests(cfg, frame), has_boards(cfg), _bar(progress))
+        folder = config.audit_dir(cfg)
+        settings = OmegaConf.to_container(cfg.audit, resolve=True)
+        info = write_findings(folder, findings, meta, settings)
+        page = write_page(folder, findings, f"Audit of {cfg.data.name} with {cfg.backbone.name}",
+                          int(cfg.audit.page_top))
+        counts = info["counts"]
+        elapsed = time.perf_counter() - t0
+        log.info(f"  {counts['duplicate_groups']} duplicate groups ({counts['pins_in_duplicate_groups']} pins; "
+                 f"{counts['duplicate_groups_across_boards']} across boards, {counts['duplicate_groups_across_users']} "
+                 f"across users, {counts['duplicate_groups_across_categories']} across categories)")
+        log.info(f"  {counts['label_issues']} likely mislabeled pins (out-of-fold accuracy "
+                 f"{info['oof_accuracy']:.3f}, {info['folds']} folds by {info['folds_by']})")
+        log.info(f"  {counts['off_topic_boards']} of {counts['boards']} boards off-topic; "
+                 f"{counts['outliers']} outliers")
+        log.info(f"  findings in {folder}; page {page} ({elapsed:.1f} s)")
+        _log_run(run, cfg, counts, info, folder, page, elapsed)
+    return {"counts": counts, "info": info, "folder": folder, "page": page, "run_id": run.run_id}
 
 
-def _log_run(cfg: DictConfig, counts: dict, info: dict, folder, page, elapsed: float) -> str | None:
-    tags = {"verb": "audit", "backbone": str(cfg.backbone.name), "data": str(cfg.data.name)}
-    with mlflow_run(cfg, f"{cfg.backbone.name}-audit", tags=tags) as run:
-        if run is None:
-            return None
+def _log_run(run, cfg: DictConfig, counts: dict, info: dict, folder, page, elapsed: float) -> None:
+    with run.logging() as active:
+        if not active:
+            return
         import mlflow
 
         mlflow.log_params({"folds": info["folds"], "folds_by": info["folds_by"], "k": info["k"],
@@ -73,11 +75,9 @@ def _log_run(cfg: DictConfig, counts: dict, info: dict, folder, page, elapsed: f
         mlflow.log_artifact(str(page), "page")
         if (folder / "thumbs").is_dir():
             mlflow.log_artifacts(str(folder / "thumbs"), "page/thumbs")
-        return run.info.run_id
 
 
-@hydra.main(config_path=config.CONF_DIR, config_name="audit", version_base="1.3")
-@user_errors_exit
+@verb_main("audit")
 def main(cfg: DictConfig) -> None:
     audit(cfg)
 

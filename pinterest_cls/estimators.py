@@ -10,8 +10,8 @@ instantiate them (or scikit-learn's LinearSVC, LogisticRegression, RandomForestC
 
 from __future__ import annotations
 
-import copy
 import logging
+import time
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -201,7 +201,8 @@ class TorchMLP(ClassifierMixin, BaseEstimator):
             self.validation_loss_curve_.append(val)
             if val < best - 1e-6:
                 best, stale = val, 0
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
+                # numpy, not tensors: the fitted model then saves in skops' safe format (serving.log_model)
+                best_state = {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
             else:
                 stale += 1
                 if stale >= self.patience:
@@ -218,7 +219,7 @@ class TorchMLP(ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, dtype=np.float32, reset=False)
         device = self._device()
         net = self._net(self.n_features_in_, len(self.classes_))
-        net.load_state_dict(self.state_)
+        net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in self.state_.items()})
         net.to(device).eval()
         out = []
         with torch.no_grad():
@@ -397,6 +398,8 @@ class FoldResults:
     search: object
     cv_desc: str
     leaky: bool
+    fit_s: float = 0.0  # the grid searches (CV and refits), every fold's, and the refit on all rows under k-fold
+    predict_s: float = 0.0  # predicting the test pins, every fold's
 
     @property
     def best_params(self) -> dict:
@@ -407,15 +410,19 @@ def fit_and_test(cfg: DictConfig, X: np.ndarray, y: np.ndarray, frame: pd.DataFr
     """Grid search on each fold's training side, the best model on its test side; under k-fold the model kept
     is then refit on every sampled row. The inner CV keeps boards (and boards sharing copies) apart."""
     fold_metrics, predictions, search, cv_desc, leaky = [], [], None, "", False
+    fit_s = predict_s = 0.0
     for f, (tr, te) in enumerate(splits.folds):
         inner = frame.iloc[tr].reset_index(drop=True)
         if groups is not None and splits.grouped and "linked" not in inner.columns:
             # the inner folds keep copies on one side too: boards sharing copies form one group
             inner["linked"] = link_boards(board_keys(inner), groups[tr])
+        t0 = time.perf_counter()
         search, cv_desc, leaky = fit_grid(cfg, X[tr], y[tr], inner, splits.grouped)
         model = search.best_estimator_
+        t1 = time.perf_counter()
         pred = model.predict(X[te])
         scores = class_scores(model, X[te])
+        fit_s, predict_s = fit_s + t1 - t0, predict_s + time.perf_counter() - t1
         m = classification_metrics(y[te], pred, scores, model.classes_)
         m["cv_" + str(cfg.train.scoring)] = float(search.best_score_)
         part = frame.iloc[te][["row", "user", "board", "pin", "path"]].copy()
@@ -434,5 +441,20 @@ def fit_and_test(cfg: DictConfig, X: np.ndarray, y: np.ndarray, frame: pd.DataFr
         everything = frame
         if groups is not None and splits.grouped and "linked" not in frame.columns:
             everything = frame.assign(linked=link_boards(board_keys(frame), groups))
+        t0 = time.perf_counter()
         fitted.search, fitted.cv_desc, fitted.leaky = fit_grid(cfg, X, y, everything, splits.grouped)
+        fit_s += time.perf_counter() - t0
+    fitted.fit_s, fitted.predict_s = fit_s, predict_s
     return fitted
+
+
+def estimator_params(model) -> dict:
+    """Every setting of a fitted pipeline's steps that is a plain value (``C``, ``hidden``, ``max_iter``,
+    ``pca__n_components``), named as the grid search's best parameters are (the classifier's without ``clf__``)."""
+    out = {}
+    for key, value in model.get_params(deep=True).items():
+        if key.rsplit("__", 1)[-1] in ("copy", "verbose"):  # how it computes, not what
+            continue
+        if "__" in key and (value is None or isinstance(value, (str, int, float, bool))):
+            out[key.removeprefix("clf__")] = value
+    return out

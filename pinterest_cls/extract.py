@@ -3,19 +3,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from . import config
-from .errors import UserError, user_errors_exit
+from .cli import verb_main
+from .errors import UserError
 from .extraction import ShardDone, backbone_configs, extract_many
 from .plots import batch_timings_plot
-from .tracking import mlflow_run
+from .tracking import JobRun, mlflow_run
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,22 @@ def extract(cfg: DictConfig, progress: bool = True) -> dict:
     """Run (or resume) this job's shard of the extraction of ``backbone``; returns the store's meta.
     With ``backbones=[...]`` set, every listed backbone is extracted from one decode of each pin and the
     result is ``{backbone name: meta}``."""
-    metas = extract_many(cfg, backbone_configs(cfg), progress=progress, on_done=lambda done: report(cfg, done),
-                         on_batch=kill_hook())
+    with contextlib.ExitStack() as stack:
+        runs: dict[str, JobRun] = {}
+
+        def open_runs(names: list[str]) -> None:  # one MLflow run per backbone, open while it is extracted
+            for name in names:
+                runs[name] = stack.enter_context(mlflow_run(cfg, f"extract-{name}", "extract", {"backbone": name}))
+
+        metas = extract_many(cfg, backbone_configs(cfg), progress=progress, on_start=open_runs,
+                             on_done=lambda done: report(cfg, done, runs.get(done.backbone.name)),
+                             on_batch=kill_hook())
     if OmegaConf.select(cfg, "backbones", default=None):
         return metas
     return next(iter(metas.values()))
 
 
-def report(cfg: DictConfig, done: ShardDone) -> None:
+def report(cfg: DictConfig, done: ShardDone, run: JobRun | None) -> None:
     """A backbone's shard is done: its per-batch timings as CSV and plot beside the store, a summary in the
     log, and an MLflow run (``verb=extract``)."""
     backbone, stats, meta = done.backbone, done.stats, done.meta
@@ -69,8 +77,11 @@ def report(cfg: DictConfig, done: ShardDone) -> None:
               "image_size": backbone.info.get("input_size"), "pool": backbone.info.get("pool"),
               "batch_size": int(cfg.extract.batch_size), "workers": stats["workers"], "amp": stats["amp"],
               "device": stats["device"], "shard": done.shard_name, "dtype": meta["dtype"]}
-    with mlflow_run(cfg, f"extract-{backbone.name}", tags={"verb": "extract"}) as run:
-        if run is None:
+    if run is None:
+        return
+    run.add_embeddings(done.folder, meta, "output")
+    with run.logging() as active:
+        if not active:
             return
         import mlflow
 
@@ -83,8 +94,7 @@ def report(cfg: DictConfig, done: ShardDone) -> None:
         mlflow.log_text(json.dumps(meta, indent=2), "meta.json")
 
 
-@hydra.main(config_path=config.CONF_DIR, config_name="extract", version_base="1.3")
-@user_errors_exit
+@verb_main("extract")
 def main(cfg: DictConfig) -> None:
     _check_sweep(cfg)
     extract(cfg)

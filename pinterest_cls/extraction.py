@@ -203,16 +203,20 @@ def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
 
 def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True,
                  on_done: Callable[[ShardDone], None] | None = None,
-                 on_batch: Callable[[int], None] | None = None) -> dict[str, dict]:
+                 on_batch: Callable[[int], None] | None = None,
+                 on_start: Callable[[list[str]], None] | None = None) -> dict[str, dict]:
     """Extract this job's shard for each backbone config in ``bcfgs``, decoding every pin once for all of
     them; each backbone's store is written exactly as a run of its own would write it.
 
     ``on_done(ShardDone)`` is called for each backbone once its store is finalized, before the failure check
     may stop the run (so what was written is reported first). ``on_batch(n)`` is called after the n-th batch's
-    rows are written and before they are committed: where a test injects a crash."""
+    rows are written and before they are committed: where a test injects a crash. ``on_start(names)`` is called
+    with the backbones that have work to do, once their stores are open and before the first pin is decoded."""
     _, ok = ok_rows(cfg)
     s = run_settings(cfg, len(ok))
     metas, jobs = _open_jobs(cfg, bcfgs, ok, s)
+    if jobs and on_start is not None:
+        on_start([job.backbone.name for job in jobs])
     if jobs:
         clock, gpu = _stream(cfg, ok, jobs, s, progress, on_batch)
         metas.update(_finish(jobs, s, clock, gpu, on_done))

@@ -7,13 +7,13 @@ import json
 import logging
 import time
 
-import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import config
-from .errors import UserError, user_errors_exit
+from .cli import verb_main
+from .errors import UserError
 from .evaluation import fold_mean, metric_key
 from .finetuning.data import load_source, split_indices
 from .finetuning.loop import fit_folds
@@ -45,34 +45,38 @@ def finetune(cfg: DictConfig) -> dict:
     src = load_source(cfg)
     out = config.job_output_dir()
     folds = split_indices(cfg, src)
-    look_at_test = bool(cfg.evaluate_test)
-    run = fit_folds(cfg, src, folds, out, look_at_test)
-    metrics = fold_mean(run.best, "")  # the best epoch's validation scores: what hyper-parameters are chosen by
-    metrics.update(fold_mean(run.test_metrics, "test_"))
-    curves_plot(run.histories, out / "curves.png", "accuracy" if task == "classification" else "mae")
-    if task == "classification" and look_at_test:
-        names = np.asarray(src.classes)
-        o, t = np.concatenate(run.outputs), np.concatenate(run.targets)
-        confusion_plot(names[t], names[o.argmax(1)], list(names), out / "confusion_matrix.png",
-                       title=f"{model_name(cfg)} on {cfg.data.name}: accuracy {metrics['test_accuracy']:.4f}")
-    elapsed = time.perf_counter() - t0
-    metrics["elapsed_s"] = elapsed
-    if run.info.get("grad_scale") is not None:  # fp16: the GradScaler's final loss scale
-        metrics["grad_scale"] = float(run.info["grad_scale"])
-    params = _params(cfg, folds, run.info, look_at_test)
-    shown = ("test_accuracy", "test_f1_macro", "test_mse", "test_mae") if look_at_test else (
-        "best_val_accuracy", "best_val_mae", "best_val_loss")
-    summary = ", ".join(f"{k} {metrics[k]:.4f}" + (f" ± {metrics[k + '_std']:.4f}" if k + "_std" in metrics else "")
-                        for k in shown if k in metrics)
-    if not look_at_test:
-        summary += " (evaluate_test=false: the test part was not looked at)"
-    log.info(f"finetune {params['model']} on {cfg.data.name}: {summary} ({elapsed / 60:.1f} min); outputs in {out}")
-    (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "params": params}, indent=1))
-    if task == "classification" and look_at_test:
-        recalls = {c: metrics.get(f"test_recall_{metric_key(c)}") for c in src.classes}
-        print("  recall per class: " + ", ".join(f"{c} {v:.3f}" for c, v in recalls.items() if v is not None))
-    run_id = _log_run(cfg, params, metrics, run.histories, out)
-    return {"metrics": metrics, "params": params, "histories": run.histories, "output_dir": out, "run_id": run_id}
+    tags = {"model": model_name(cfg), "backbone": OmegaConf.select(cfg, "model.backbone", default=None),
+            "split": str(cfg.split.mode)}
+    with mlflow_run(cfg, f"finetune-{model_name(cfg)}", "finetune", tags) as tracked:
+        look_at_test = bool(cfg.evaluate_test)
+        run = fit_folds(cfg, src, folds, out, look_at_test)
+        metrics = fold_mean(run.best, "")  # the best epoch's validation scores: what hyper-parameters are chosen by
+        metrics.update(fold_mean(run.test_metrics, "test_"))
+        curves_plot(run.histories, out / "curves.png", "accuracy" if task == "classification" else "mae")
+        if task == "classification" and look_at_test:
+            names = np.asarray(src.classes)
+            o, t = np.concatenate(run.outputs), np.concatenate(run.targets)
+            confusion_plot(names[t], names[o.argmax(1)], list(names), out / "confusion_matrix.png",
+                           title=f"{model_name(cfg)} on {cfg.data.name}: accuracy {metrics['test_accuracy']:.4f}")
+        elapsed = time.perf_counter() - t0
+        metrics["elapsed_s"] = elapsed
+        if run.info.get("grad_scale") is not None:  # fp16: the GradScaler's final loss scale
+            metrics["grad_scale"] = float(run.info["grad_scale"])
+        params = _params(cfg, folds, run.info, look_at_test)
+        shown = ("test_accuracy", "test_f1_macro", "test_mse", "test_mae") if look_at_test else (
+            "best_val_accuracy", "best_val_mae", "best_val_loss")
+        summary = ", ".join(f"{k} {metrics[k]:.4f}" + (f" ± {metrics[k + '_std']:.4f}" if k + "_std" in metrics else "")
+                            for k in shown if k in metrics)
+        if not look_at_test:
+            summary += " (evaluate_test=false: the test part was not looked at)"
+        log.info(f"finetune {params['model']} on {cfg.data.name}: {summary} ({elapsed / 60:.1f} min); outputs in {out}")
+        (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "params": params}, indent=1))
+        if task == "classification" and look_at_test:
+            recalls = {c: metrics.get(f"test_recall_{metric_key(c)}") for c in src.classes}
+            log.info("  recall per class: " + ", ".join(f"{c} {v:.3f}" for c, v in recalls.items() if v is not None))
+        _log_run(tracked, params, metrics, run.histories, out)
+    return {"metrics": metrics, "params": params, "histories": run.histories, "output_dir": out,
+            "run_id": tracked.run_id}
 
 
 def _params(cfg: DictConfig, folds, info: dict, look_at_test: bool) -> dict:
@@ -86,11 +90,12 @@ def _params(cfg: DictConfig, folds, info: dict, look_at_test: bool) -> dict:
             "weight_decay": float(cfg.optim.weight_decay), "evaluate_test": look_at_test}
 
 
-def _log_run(cfg: DictConfig, params: dict, metrics: dict, histories: list, out) -> str | None:
-    """One MLflow run: params, per-epoch curves (per fold under k-fold), metrics, plots and checkpoints."""
-    with mlflow_run(cfg, f"finetune-{params['model']}", tags={"verb": "finetune", "model": params["model"]}) as run:
-        if run is None:
-            return None
+def _log_run(tracked, params: dict, metrics: dict, histories: list, out) -> None:
+    """Into the job's MLflow run: params, per-epoch curves (per fold under k-fold), metrics, plots and
+    checkpoints."""
+    with tracked.logging() as active:
+        if not active:
+            return
         import mlflow
 
         mlflow.log_params(params)
@@ -104,11 +109,9 @@ def _log_run(cfg: DictConfig, params: dict, metrics: dict, histories: list, out)
             mlflow.log_artifact(str(out / "confusion_matrix.png"), "plots")
         for ckpt in sorted(out.glob("*_best.pt")):
             mlflow.log_artifact(str(ckpt), "checkpoints")
-        return run.info.run_id
 
 
-@hydra.main(config_path=config.CONF_DIR, config_name="finetune", version_base="1.3")
-@user_errors_exit
+@verb_main("finetune")
 def main(cfg: DictConfig) -> None:
     finetune(cfg)
 

@@ -4,18 +4,27 @@ Parallel jobs (Hydra's joblib or SLURM launchers) may share one SQLite store. SQ
 time and MLflow's first connection creates and migrates the schema, both of which fail under concurrency
 ("database is locked", "table ... already exists"). Every write of this package to a ``sqlite:///`` store
 therefore holds an exclusive lock on ``<database>.lock`` beside it: the store's creation, the experiment's
-creation, and each run, which is only opened once its job's work is done (runs log at the end), so jobs wait
-on each other for seconds, not for their computation. An ``http(s)://`` tracking server needs no lock.
+creation, the run's creation, and the logging at its end, so jobs wait on each other for seconds, not for their
+computation. An ``http(s)://`` tracking server needs no lock.
+
+A job's run is opened before its work (:func:`mlflow_run`), so the UI shows it running and its Duration is the
+work; what the job logs is written at the end (:meth:`JobRun.logging`). Every run carries the same tags
+(:data:`RUN_TAGS` where they apply), the command line as its description, the embeddings it read as an MLflow
+dataset input, and, in a Hydra sweep, the sweep's name and a parent run that groups the sweep's jobs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
+import shlex
 import threading
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from . import config
@@ -96,17 +105,191 @@ def experiment_id(cfg: DictConfig) -> str:
             return exp.experiment_id
 
 
+
+#: The tags every run has where they apply: the verb, the data, and the backbone, classifier and split used.
+RUN_TAGS = ("verb", "data", "backbone", "classifier", "split")
+#: In a sweep folder: the MLflow run that groups the sweep's jobs (written by :class:`SweepRuns`).
+PARENT_FILE = ".mlflow_parent_run"
+
+
+def _hydra():
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get()
+    except Exception:  # not inside a Hydra app (library use, tests)
+        return None
+
+
+def command_line(verb: str) -> str | None:
+    """The command that runs this job again, with the job's own overrides (one value each in a sweep); None
+    outside a Hydra app (library use)."""
+    hc = _hydra()
+    if hc is None:
+        return None
+    return " ".join(["python -m pinterest_cls." + verb] + [shlex.quote(a) for a in hc.overrides.task])
+
+
+def sweep_name(sweep_dir: str | Path) -> str:
+    """A sweep's readable name: its folder's last two parts, ``train-multirun/2026-11-23_13-10-00``."""
+    path = Path(str(sweep_dir))
+    return f"{path.parent.name}/{path.name}"
+
+
+def sweep_tags() -> dict:
+    """``sweep`` (readable), ``sweep_job`` and ``sweep_dir`` for a job of a Hydra multirun, else nothing."""
+    hc = _hydra()
+    if hc is None:
+        return {}
+    from hydra.types import RunMode
+
+    if hc.mode != RunMode.MULTIRUN:
+        return {}
+    return {"sweep": sweep_name(hc.sweep.dir), "sweep_job": str(hc.job.num),
+            "sweep_dir": str(Path(hc.sweep.dir).resolve())}
+
+
+def _parent_run(uri: str) -> str | None:
+    hc = _hydra()
+    if hc is None or not hc.sweep.dir:
+        return None
+    try:
+        record = json.loads((Path(hc.sweep.dir) / PARENT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("run_id") if record.get("tracking_uri") == uri else None
+
+
+def embeddings_dataset(folder: Path, meta: dict, name: str):
+    """The embedding store as an MLflow dataset: its folder as source, its fingerprint (backbone, weights,
+    preprocessing, precision and the rows embedded) as digest."""
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.meta_dataset import MetaDataset
+
+    fingerprint = json.dumps(meta.get("fingerprint", {}), sort_keys=True, default=str)
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    # a local folder, stated (resolving the URI would find two equal local sources and warn)
+    source = get_dataset_source_from_json(json.dumps({"uri": Path(folder).resolve().as_uri()}), source_type="local")
+    return MetaDataset(source, name=name, digest=digest)
+
+
+class JobRun:
+    """A job's MLflow run, created when the job starts; :meth:`logging` writes into it at the end."""
+
+    def __init__(self, cfg: DictConfig | None, run_id: str | None = None, inputs: list | None = None):
+        self.cfg, self.run_id, self.inputs, self.ended = cfg, run_id, list(inputs or []), False
+
+    @property
+    def enabled(self) -> bool:
+        return self.run_id is not None
+
+    def add_embeddings(self, folder: Path, meta: dict, context: str) -> None:
+        """Log the embedding store at ``folder`` as a dataset input of the run (``context``: how it was used)."""
+        if self.enabled:
+            data = OmegaConf.select(self.cfg, "data.name", default=None)
+            self.inputs.append((embeddings_dataset(folder, meta, f"{data}/{Path(folder).name}"), context))
+
+    @contextlib.contextmanager
+    def logging(self):
+        """The run, active for MLflow's logging functions (``mlflow.log_params`` and so on), with the store
+        locked; it ends, FINISHED, when the block ends. Yields False (and logs nothing) when MLflow is off."""
+        if not self.enabled:
+            yield False
+            return
+        import mlflow
+
+        uri = tracking_uri(self.cfg)
+        with store_lock(uri):
+            mlflow.set_tracking_uri(_prepare_uri(uri))
+            with mlflow.start_run(run_id=self.run_id):
+                for dataset, context in self.inputs:
+                    mlflow.log_input(dataset, context=context)
+                yield True
+            self.ended = True
+
+    def end(self, status: str) -> None:
+        if not self.enabled or self.ended:
+            return
+        import mlflow
+
+        uri = tracking_uri(self.cfg)
+        with store_lock(uri):
+            mlflow.set_tracking_uri(_prepare_uri(uri))
+            mlflow.MlflowClient().set_terminated(self.run_id, status)
+        self.ended = True
+
+
 @contextlib.contextmanager
-def mlflow_run(cfg: DictConfig, run_name: str, tags: dict | None = None):
-    """An MLflow run for this job, or ``None`` when ``mlflow.enabled=false``. The resolved config is logged.
-    Open it when the job's results are ready: on a SQLite store it holds the store's lock while open."""
+def mlflow_run(cfg: DictConfig, run_name: str, verb: str, tags: dict | None = None,
+               embeddings: tuple[Path, dict, str] | None = None):
+    """Open this job's MLflow run now (status RUNNING) and yield a :class:`JobRun`; log into it at the end with
+    ``with run.logging():``. The run gets :data:`RUN_TAGS` (``verb``, ``data`` from the config, the rest from
+    ``tags``), the sweep's tags and parent, the command line as description and the resolved config; with
+    ``embeddings=(folder, meta, context)`` the store it read as a dataset input. If the block raises, the run
+    ends FAILED (KILLED on Ctrl-C). With ``mlflow.enabled=false`` nothing is logged and ``run.enabled`` is
+    False."""
     if not bool(config.select(cfg, "mlflow.enabled")):
-        yield None
+        yield JobRun(None)
         return
     import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
-    with store_lock(tracking_uri(cfg)):
+    uri = tracking_uri(cfg)
+    data = OmegaConf.select(cfg, "data.name", default=None)
+    all_tags = {"verb": verb, **({"data": str(data)} if data is not None else {}),
+                **{k: str(v) for k, v in (tags or {}).items() if v is not None}, **sweep_tags()}
+    if command_line(verb):
+        all_tags[MLFLOW_RUN_NOTE] = command_line(verb)
+    with store_lock(uri):
         exp = experiment_id(cfg)
-        with mlflow.start_run(experiment_id=exp, run_name=run_name, tags=tags or {}) as run:
-            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            yield run
+        parent = _parent_run(uri)
+        if parent:  # a job of a sweep: nested under the sweep's run
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent
+        client = mlflow.MlflowClient()
+        run_id = client.create_run(exp, run_name=run_name, tags=all_tags).info.run_id
+        client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    run = JobRun(cfg, run_id)
+    if embeddings is not None:
+        run.add_embeddings(*embeddings)
+    try:
+        yield run
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        run.end(status)
+        if parent:  # the sweep stops here (Hydra does not end it): so does its run
+            JobRun(cfg, parent).end(status)
+        raise
+    run.end("FINISHED")
+
+
+class SweepRuns(Callback):
+    """Hydra callback (conf/hydra/default.yaml): a multirun opens one MLflow parent run, named after the sweep,
+    that the UI nests the sweep's job runs under; it ends when the sweep does."""
+
+    def __init__(self):
+        self.run_id: str | None = None
+        self.cfg: DictConfig | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if not OmegaConf.select(config, "mlflow.enabled", default=False):
+            return
+        import mlflow
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        job = str(OmegaConf.select(config, "hydra.job.name"))
+        self.cfg, uri = config, tracking_uri(config)
+        tags = {"verb": "sweep", "sweep_of": job, "sweep": sweep_name(sweep_dir), "sweep_dir": str(sweep_dir.resolve()),
+                "data": str(OmegaConf.select(config, "data.name")),
+                MLFLOW_RUN_NOTE: " ".join(["python -m pinterest_cls." + job, "-m"]
+                                          + [shlex.quote(a) for a in config.hydra.overrides.task])}
+        with store_lock(uri):
+            exp = experiment_id(config)
+            self.run_id = mlflow.MlflowClient().create_run(exp, run_name=f"{job} sweep {sweep_dir.name}",
+                                                           tags=tags).info.run_id
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": self.run_id, "tracking_uri": uri}))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.run_id is not None:
+            JobRun(self.cfg, self.run_id).end("FINISHED")

@@ -9,14 +9,14 @@ import shutil
 import time
 from pathlib import Path
 
-import hydra
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from . import config
 from .auditing import apply_exclusions, exclusion_settings
-from .errors import UserError, user_errors_exit
-from .estimators import fit_and_test
+from .cli import verb_main
+from .errors import UserError
+from .estimators import estimator_params, fit_and_test
 from .evaluation import bootstrap_metrics, fold_mean, protocol, protocol_settings, repins_settings
 from .fileio import file_sha256
 from .plots import confusion_plot
@@ -26,19 +26,6 @@ from .store import META, load_xy, open_store
 from .tracking import mlflow_run
 
 log = logging.getLogger(__name__)
-
-
-def sweep_tags() -> dict:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN:
-            return {"sweep": str(Path(hc.sweep.dir).resolve()), "sweep_job": str(hc.job.num)}
-    except Exception:
-        pass
-    return {}
 
 
 def train(cfg: DictConfig, progress: bool = True) -> dict:
@@ -59,22 +46,27 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
     split_table(frame, splits, groups).to_csv(out / "split.csv", index=False)
     name = f"{cfg.backbone.name}-{cfg.classifier.name}"
     log.info(f"train {name}: {len(frame)} pins, {len(categories)} categories, {X.shape[1]}-d, split={splits.name}")
-
-    fitted = fit_and_test(cfg, X, y, frame, splits, groups)
-    metrics = fold_mean([{k: v for k, v in m.items() if not k.startswith("cv_")} for m in fitted.fold_metrics],
-                        "test_")
-    metrics.update(fold_mean([{k: v for k, v in m.items() if k.startswith("cv_")} for m in fitted.fold_metrics], ""))
-    preds = fitted.predictions
-    preds.to_csv(out / "predictions.csv", index=False)
-    n_boot = int(config.select(cfg, "train.bootstrap") or 0)
-    by_board = splits.grouped or has_boards(cfg)
-    intervals, ci_desc = bootstrap_metrics(preds, board_keys(preds) if by_board else None, n_boot, int(cfg.seed))
-    metrics.update(intervals)
-    _write_outputs(out, fitted, categories, f"{name}, split={splits.name}", metrics)
-    params = _params(cfg, splits, fitted, meta, folder, frame, categories, repin_info, ci_desc)
-    shutil.copyfile(folder / META, out / "embeddings_meta.json")
-    run_id = _log_run(cfg, name, params, metrics, out, fitted.search.best_estimator_, out / "embeddings_meta.json",
-                      {"leaky_inner_cv": "true"} if fitted.leaky else {})
+    tags = {"backbone": str(cfg.backbone.name), "classifier": str(cfg.classifier.name), "split": splits.name}
+    with mlflow_run(cfg, name, "train", tags, embeddings=(folder, meta, "train")) as run:
+        fitted = fit_and_test(cfg, X, y, frame, splits, groups)
+        metrics = fold_mean([{k: v for k, v in m.items() if not k.startswith("cv_")} for m in fitted.fold_metrics],
+                            "test_")
+        metrics.update(fold_mean([{k: v for k, v in m.items() if k.startswith("cv_")} for m in fitted.fold_metrics],
+                                 ""))
+        metrics.update(fit_time_s=fitted.fit_s, predict_time_s=fitted.predict_s)
+        preds = fitted.predictions
+        preds.to_csv(out / "predictions.csv", index=False)
+        n_boot = int(config.select(cfg, "train.bootstrap") or 0)
+        by_board = splits.grouped or has_boards(cfg)
+        intervals, ci_desc = bootstrap_metrics(preds, board_keys(preds) if by_board else None, n_boot,
+                                               int(cfg.seed))
+        metrics.update(intervals)
+        _write_outputs(out, fitted, categories, f"{name}, split={splits.name}", metrics)
+        params = _params(cfg, splits, fitted, meta, folder, frame, categories, repin_info, ci_desc)
+        shutil.copyfile(folder / META, out / "embeddings_meta.json")
+        _log_run(run, cfg, params, metrics, out, fitted.search.best_estimator_, out / "embeddings_meta.json",
+                 {"leaky_inner_cv": "true"} if fitted.leaky else {}, str(frame["path"].iloc[0]))
+    run_id = run.run_id
     elapsed = time.perf_counter() - t0
     summary = ", ".join(f"{k} {metrics[k]:.4f}" + (f" [{metrics[k + '_ci_low']:.4f}, {metrics[k + '_ci_high']:.4f}]"
                                                    if k + "_ci_low" in metrics else "")
@@ -117,6 +109,7 @@ def _params(cfg, splits, fitted, meta, folder, frame, categories, repin_info, ci
         "embeddings": str(folder), "embeddings_meta_sha256": file_sha256(folder / META),
         "timm_id": meta.get("timm_id"), "seed": int(cfg.seed), "repins_keep_one": bool(cfg.repins.keep_one),
         **repin_info,
+        **estimator_params(fitted.search.best_estimator_),  # every setting of the model, searched or not
         **fitted.best_params,
     }
     if splits.info.get("single_board_categories"):
@@ -124,14 +117,14 @@ def _params(cfg, splits, fitted, meta, folder, frame, categories, repin_info, ci
     return params
 
 
-def _log_run(cfg, name, params, metrics, out: Path, model, store_meta: Path, extra_tags: dict) -> str | None:
-    tags = {"verb": "train", "backbone": params["backbone"], "classifier": params["classifier"],
-            "data": str(cfg.data.name), **sweep_tags(), **extra_tags}
-    with mlflow_run(cfg, name, tags=tags) as run:
-        if run is None:
-            return None
+def _log_run(run, cfg, params, metrics, out: Path, model, store_meta: Path, extra_tags: dict,
+             example_image: str) -> None:
+    with run.logging() as active:
+        if not active:
+            return
         import mlflow
 
+        mlflow.set_tags(extra_tags)
         mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
         mlflow.log_metrics(metrics)
         for f in ("predictions.csv", "classification_report.txt", "cv_results.csv", "metrics.json", "split.csv"):
@@ -140,12 +133,10 @@ def _log_run(cfg, name, params, metrics, out: Path, model, store_meta: Path, ext
         mlflow.log_artifact(str(store_meta))  # what predict needs to rebuild the backbone
         log_model(model)
         if cfg.train.log_pipeline:
-            log_pipeline(model, store_meta, out)
-        return run.info.run_id
+            log_pipeline(model, store_meta, out, example_image)
 
 
-@hydra.main(config_path=config.CONF_DIR, config_name="train", version_base="1.3")
-@user_errors_exit
+@verb_main("train")
 def main(cfg: DictConfig) -> None:
     train(cfg)
 

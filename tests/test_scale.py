@@ -230,8 +230,11 @@ def test_parallel_sweep_against_a_tracking_server(tmp_path, embedded, big_export
                             cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         mlflow.set_tracking_uri(uri)
-        runs = mlflow.search_runs(experiment_names=["exp"], output_format="list")
-        assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
+        every = mlflow.search_runs(experiment_names=["exp"], output_format="list")
+        (parent,) = [r for r in every if r.data.tags["verb"] == "sweep"]  # the sweep's run, through the server
+        runs = [r for r in every if r.data.tags["verb"] == "train"]
+        assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in every)
+        assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
         assert sorted((r.data.tags["classifier"], r.data.params["seed"]) for r in runs) == \
             sorted((c, s) for c in ("svm", "knn", "logreg", "random_forest") for s in ("0", "1"))
         # artifacts went through the server into its artifact folder, not into the client's work folder
