@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from . import __version__
 from .catalog import IMAGE_EXTENSIONS
 from .embedding import backbone_from_meta, embed_paths
 from .errors import UserError
@@ -101,19 +100,42 @@ def load_run(cfg: DictConfig, run_id: str):
     return model, meta
 
 
+#: The classes of this package that a saved classifier may hold, trusted when skops loads it (beside what skops
+#: trusts by default); scikit-learn's tree structure, which skops does not trust by default, for random forests.
+TRUSTED_TYPES = ["pinterest_cls.estimators.FaissKNN", "pinterest_cls.estimators.TorchMLP", "sklearn.tree._tree.Tree"]
+#: The file (models from code) that MLflow runs to build the served model.
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+def skops_bytes(classifier) -> bytes:
+    """The fitted classifier in skops' format (no arbitrary code runs when it is loaded), refusing a type
+    outside :data:`TRUSTED_TYPES` that skops would not load."""
+    import skops.io
+
+    data = skops.io.dumps(classifier)
+    untrusted = sorted(set(skops.io.get_untrusted_types(data=data)) - set(TRUSTED_TYPES))
+    if untrusted:
+        raise TypeError(f"the classifier holds types that skops does not trust: {', '.join(untrusted)}; "
+                        "add them to serving.TRUSTED_TYPES if they are safe")
+    return data
+
+
+def load_classifier(path: str | Path):
+    import skops.io
+
+    return skops.io.load(path, trusted=TRUSTED_TYPES)
+
+
 class PinterestPyfuncModel(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc: a DataFrame with column ``path`` (image paths) or ``image`` (bytes, or base64 text) ->
     DataFrame(prediction, score, top-k categories and scores, status, reason)."""
 
     def load_context(self, context):
-        import cloudpickle
-
-        with open(context.artifacts["classifier"], "rb") as f:
-            classifier = cloudpickle.load(f)
+        classifier = load_classifier(context.artifacts["classifier"])
         meta = json.loads(Path(context.artifacts["embeddings_meta"]).read_text())
         self.model = EndToEnd(classifier, meta)
 
-    def predict(self, context, model_input: pd.DataFrame, params=None):  # a hint MLflow infers no schema from
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
         if "path" in frame.columns:
             return self.model.predict_paths(frame["path"].astype(str).tolist()).drop(columns=["path"])
@@ -130,23 +152,23 @@ class PinterestPyfuncModel(mlflow.pyfunc.PythonModel):
             return self.model.predict_paths(paths).drop(columns=["path"])
 
 
-def log_pipeline(classifier, store_meta_path: Path, workdir: Path) -> None:
-    """Log the end-to-end pyfunc model into the active MLflow run."""
-    import cloudpickle
-
-    clf_path = workdir / "classifier.pkl"
-    with open(clf_path, "wb") as f:
-        cloudpickle.dump(classifier, f)
+def log_pipeline(classifier, store_meta_path: Path, workdir: Path, example_image: str) -> None:
+    """Log the end-to-end pyfunc model into the active MLflow run. MLflow checks it at once by serving
+    ``example_image`` (a pin of the training data, sent as base64 bytes) through it."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
+    clf_path = workdir / "classifier.skops"
+    clf_path.write_bytes(skops_bytes(classifier))
     # the input the model takes, stated, so that MLflow checks requests against it (and infers nothing):
     # a column of image paths, or of base64-encoded image bytes
     signature = ModelSignature(inputs=Schema([ColSpec("string", "path", required=False),
                                               ColSpec("string", "image", required=False)]))
-    mlflow.pyfunc.log_model(name=PIPELINE, python_model=PinterestPyfuncModel(), signature=signature,
+    example = pd.DataFrame({"image": [base64.b64encode(Path(example_image).read_bytes()).decode("ascii")]})
+    mlflow.pyfunc.log_model(name=PIPELINE, python_model=str(PYFUNC_CODE), signature=signature, input_example=example,
                             artifacts={"classifier": str(clf_path), "embeddings_meta": str(store_meta_path)},
-                            pip_requirements=["mlflow", "torch", "timm", "scikit-learn", "faiss-cpu", "pillow"])
+                            pip_requirements=["mlflow", "torch", "timm", "scikit-learn", "skops", "faiss-cpu",
+                                              "pillow"])
 
 
 def collect_inputs(spec: str, image_name: str = "pin_closeup_image.jpg") -> list[str]:
@@ -167,12 +189,13 @@ def collect_inputs(spec: str, image_name: str = "pin_closeup_image.jpg") -> list
 
 
 def log_model(model) -> None:
-    """The fitted pipeline via mlflow.sklearn (loads back with mlflow.sklearn.load_model). Pickled with
-    cloudpickle: MLflow's default (skops) refuses classes it does not know, such as our FaissKNN."""
+    """The fitted pipeline via mlflow.sklearn in skops' format (loads back with mlflow.sklearn.load_model,
+    trusting only :data:`TRUSTED_TYPES`)."""
     import mlflow.sklearn
     import sklearn
 
-    reqs = [f"scikit-learn=={sklearn.__version__}", f"numpy=={np.__version__}", "faiss-cpu", "torch",
-            f"# pinterest_cls=={__version__} (install from the project's repository)"]
-    mlflow.sklearn.log_model(model, name="model", pip_requirements=reqs[:-1],
-                             serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE)
+    skops_bytes(model)  # refuses a type that loading would not trust
+    reqs = [f"scikit-learn=={sklearn.__version__}", f"numpy=={np.__version__}", "skops", "faiss-cpu", "torch"]
+    mlflow.sklearn.log_model(model, name="model", pip_requirements=reqs,
+                             serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
+                             skops_trusted_types=TRUSTED_TYPES)
