@@ -68,12 +68,26 @@ class Page:
     def tiles(self, tiles: list[str], classes: str = "tiles") -> None:
         self.parts.append(f'<div class="{classes}">' + "".join(tiles) + "</div>")
 
-    def table(self, frame: pd.DataFrame, max_rows: int = 50) -> None:
+    def table(self, frame: pd.DataFrame, max_rows: int = 50, links: pd.DataFrame | None = None) -> None:
+        """``frame`` as a table (its first ``max_rows`` rows); ``links`` (same shape: a URL or empty per cell)
+        makes cells links."""
         head = "".join(f"<th>{esc(c)}</th>" for c in frame.columns)
-        body = "".join("<tr>" + "".join(f"<td>{esc(_fmt(v))}</td>" for v in row) + "</tr>"
-                       for row in frame.head(max_rows).itertuples(index=False))
+
+        def cell(i: int, j: int, v) -> str:
+            href = links.iat[i, j] if links is not None else None
+            text = esc(_fmt(v))
+            linked = isinstance(href, str) and href
+            return f'<td><a href="{esc(href)}">{text}</a></td>' if linked else f"<td>{text}</td>"
+
+        body = "".join("<tr>" + "".join(cell(i, j, v) for j, v in enumerate(row)) + "</tr>"
+                       for i, row in enumerate(frame.head(max_rows).itertuples(index=False)))
         more = f'<p class="muted">{len(frame) - max_rows} more rows in the CSV</p>' if len(frame) > max_rows else ""
         self.parts.append(f"<table><tr>{head}</tr>{body}</table>{more}")
+
+    def image(self, rel: str, alt: str, width: int | None = None) -> None:
+        """A picture already in the page's folder (``rel`` relative to it)."""
+        size = f' width="{width}"' if width else ""
+        self.parts.append(f'<p><img src="{esc(rel)}" alt="{esc(alt)}"{size}></p>')
 
     def raw(self, markup: str) -> None:
         self.parts.append(markup)

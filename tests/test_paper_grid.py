@@ -1,6 +1,9 @@
 """experiments/paper_grid: the study's grid as a command sequence, end to end on the demo export with the tiny
 grid (experiment=paper_grid_tiny), and the full grid's config for every verb."""
 
+import re
+
+import mlflow
 import pandas as pd
 from omegaconf import OmegaConf
 
@@ -48,6 +51,10 @@ def test_paper_grid_tiny_end_to_end_on_the_demo(tmp_path):
     proc = run_verb("train", "-m", *e, "classifier=svm,knn,mlp", "hydra/launcher=local", "train.n_jobs=1",
                     cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # only the project's own output: no warnings of other libraries, no colour codes
+    assert "warn" not in (proc.stdout + proc.stderr).lower() and "\x1b[" not in proc.stdout + proc.stderr, \
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+    _check_sweep_runs(work)
     proc = run_verb("report", *e, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = work / "demo" / "report" / "demo-paper_grid_tiny"
@@ -57,3 +64,44 @@ def test_paper_grid_tiny_end_to_end_on_the_demo(tmp_path):
     assert table.notna().all().all() and ((table > 0.25) & (table <= 1)).all().all()  # 4 classes: above chance
     assert len(pd.read_csv(out / "runs.csv")) == 12
     assert (out / "test_f1_macro.png").stat().st_size > 10_000 and (out / "report.md").is_file()
+    _check_report_page(out, work)
+
+
+def _check_sweep_runs(work):
+    """The sweep's 12 runs are nested under one parent run named after the sweep, each with its command line."""
+    mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["demo-paper_grid_tiny"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags["verb"] == "sweep"]
+    jobs = [r for r in runs if r.data.tags["verb"] == "train"]
+    assert len(jobs) == 12 and parent.info.status == "FINISHED"
+    assert parent.data.tags["sweep"].startswith("train-multirun/") and parent.data.tags["sweep_of"] == "train"
+    assert parent.info.run_name == "train sweep " + parent.data.tags["sweep"].split("/")[1]
+    assert parent.data.tags["mlflow.note.content"].startswith("python -m pinterest_cls.train -m +experiment=")
+    for r in jobs:
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.data.tags["sweep"] == parent.data.tags["sweep"]
+        note = r.data.tags["mlflow.note.content"]  # the job's own command: one value per swept key
+        assert note.startswith("python -m pinterest_cls.train +experiment=paper_grid_tiny")
+        assert f"classifier={r.data.tags['classifier']}" in note and f"backbone={r.data.tags['backbone']}" in note
+        assert parent.info.start_time <= r.info.start_time and r.info.end_time <= parent.info.end_time
+
+
+def _check_report_page(out, work):
+    """report.html: every picture is a file beside it, each of the 12 cells links to its run, and the gallery
+    shows the best run's mistakes; the report is an MLflow run with the page among its artifacts."""
+    page = (out / "report.html").read_text()
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert {"test_f1_macro.png", "test_accuracy.png", "per_class_f1.png"} <= set(sources)
+    assert all((out / s).is_file() and not s.startswith(("/", "http")) for s in sources)
+    runs = pd.read_csv(out / "runs.csv")
+    links = re.findall(r'href="http://127.0.0.1:5000/#/experiments/(\d+)/runs/(\w+)"', page)
+    assert sorted(r for _, r in links) == sorted(list(runs["run_id"]) * 2)  # two tables
+    best = runs.sort_values("cv_f1_macro", ascending=False).iloc[0]
+    preds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=best["run_id"], artifact_path="predictions.csv"))
+    wrong = int((preds["truth"] != preds["prediction"]).sum())
+    assert f"Misclassified test pins of the best run ({wrong} of {len(preds)})" in page
+    assert len(re.findall(r'src="thumbs/miss_\d+\.jpg"', page)) == min(wrong, 48)
+    (report_run,) = mlflow.search_runs(experiment_names=["demo-paper_grid_tiny"], output_format="list",
+                                       filter_string="tags.verb = 'report'")
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(report_run.info.run_id, "report")}
+    assert {"report/report.html", "report/per_class_f1.png", "report/runs.csv"} <= arts
