@@ -1,7 +1,11 @@
 """The embedded demo export: a small, deterministic Pinterest-layout export generated on first use.
 
-Four visually distinct categories (ocean, forest, desert, night_sky), three boards each spread over three
-users, 12 pins per board, plus one example of every anomaly ``scan`` must catch:
+Four categories (ocean, forest, desert, night_sky), three boards each spread over three users, 12 pins per
+board. It is meant to be hard enough that classifiers differ: every category has a look-alike (ocean and
+night_sky, forest and desert), about half the pins are blended with a picture of the look-alike (a night-time
+sea, a forest edge in the dunes; the look-alike may even dominate), and one board per category has a style of its
+own (darker, paler or tinted), which a split by board must generalise to. Plus one example of every anomaly
+``scan`` must catch:
 
 ==============================  ==============================================  =====================
 where                           what                                            expected verdict
@@ -37,7 +41,7 @@ from .fileio import locked, mp_context
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: look-alike categories, blended pins and board styles
 MARKER = ".pinterest_cls_demo.json"
 IMAGE_NAME = "pin_closeup_image.jpg"
 SIZE = (192, 256)  # width x height: a portrait pin, as on Pinterest
@@ -58,6 +62,13 @@ BOARDS = [
     ("bruno", "stars", "night_sky"),
     ("chen", "moonlight", "night_sky"),
 ]
+#: Each category's look-alike: about half its pins are blended with one of the look-alike's pictures.
+LOOK_ALIKE = {"ocean": "night_sky", "night_sky": "ocean", "forest": "desert", "desert": "forest"}
+BLENDED_SHARE = 0.5
+BLEND_WEIGHT = (0.15, 0.65)  # the look-alike's weight in a blended pin: above 0.5 it dominates
+#: Boards with a style of their own: (brightness factor, added RGB tint), applied to every pin of the board.
+BOARD_STYLES = {"blue_water": (0.55, (0, 0, 20)), "pines": (1.0, (40, 25, 0)), "dunes": (1.15, (0, 20, 0)),
+                "moonlight": (1.6, (10, 10, 0))}
 REJECTED_BOARDS = [
     ("alice", "misc", "Other\n"),  # category 'other'
     ("bruno", "unsorted", None),  # no board_category.txt
@@ -121,6 +132,18 @@ def _draw(category: str, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def _pin(category: str, board: str, rng: np.random.Generator) -> Image.Image:
+    """A demo pin: its category's picture, maybe blended with its look-alike's, in its board's style."""
+    im = _draw(category, rng)
+    if rng.random() < BLENDED_SHARE:
+        im = Image.blend(im, _draw(LOOK_ALIKE[category], rng), float(rng.uniform(*BLEND_WEIGHT)))
+    if board in BOARD_STYLES:
+        gain, tint = BOARD_STYLES[board]
+        arr = np.asarray(im, dtype=float) * gain + np.array(tint, dtype=float)
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return im
+
+
 def _jpeg_bytes(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=85)
@@ -151,7 +174,7 @@ def generate_demo_export(root: Path) -> Path:
             rng = np.random.default_rng([VERSION, b, p])
             pdir = bdir / f"pin_{p:03d}"
             pdir.mkdir()
-            (pdir / IMAGE_NAME).write_bytes(_jpeg_bytes(_draw(category, rng)))
+            (pdir / IMAGE_NAME).write_bytes(_jpeg_bytes(_pin(category, board, rng)))
             (pdir / "pin.json").write_text(json.dumps({"pin": f"pin_{p:03d}", "board": board}))
     for user, board, text in REJECTED_BOARDS:
         bdir = root / user / "per_board" / board
