@@ -231,3 +231,8 @@ def _remove_empty_job_folder() -> None:
     if hc.sweep.dir and parent.resolve() == Path(hc.sweep.dir).resolve():
         if all(p.name in ("multirun.yaml", ".mlflow_parent_run") for p in parent.iterdir()):
             shutil.rmtree(parent, ignore_errors=True)
+            parent = parent.parent
+    try:
+        parent.rmdir()  # the verb's folder (hydra/<verb>, hydra/<verb>-multirun) when nothing else is in it
+    except OSError:
+        pass

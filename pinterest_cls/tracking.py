@@ -15,6 +15,7 @@ dataset input, and, in a Hydra sweep, the sweep's name and a parent run that gro
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -289,7 +290,28 @@ class SweepRuns(Callback):
                                                            tags=tags).info.run_id
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": self.run_id, "tracking_uri": uri}))
+        atexit.register(self._close, "FAILED")  # a sweep that stops with an error does not reach on_multirun_end
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if self.run_id is not None:
-            JobRun(self.cfg, self.run_id).end("FINISHED")
+        atexit.unregister(self._close)
+        self._close("FINISHED")
+
+    def _close(self, status: str) -> None:
+        """End the sweep's run; a failed sweep none of whose jobs opened a run leaves no run behind."""
+        if self.run_id is None:
+            return
+        import mlflow
+
+        run = JobRun(self.cfg, self.run_id)
+        if status != "FINISHED":
+            uri = tracking_uri(self.cfg)
+            with store_lock(uri):
+                mlflow.set_tracking_uri(_prepare_uri(uri))
+                client = mlflow.MlflowClient()
+                exp = client.get_run(self.run_id).info.experiment_id
+                jobs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=1)
+                if not jobs:
+                    client.delete_run(self.run_id)
+                    run.ended = True
+        run.end(status)
+        self.run_id = None
