@@ -6,6 +6,7 @@ reason; it is never replaced by a neighbour and never stops the run.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from itertools import accumulate
 
@@ -120,6 +121,14 @@ def collate_pins(items):
     return rows, pixels, failures
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers ignore SIGTERM and SIGUSR2, which SLURM sends to every process of a job it cancels, requeues or is
+    about to time out: the main process stops them once it has committed what they decoded (a worker killed
+    by the signal would fail the main process first)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool, prefetch_factor: int = 4,
                 shuffle: bool = False, generator: torch.Generator | None = None, drop_last: bool = False
                 ) -> DataLoader:
@@ -130,7 +139,8 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: boo
     workers = max(0, int(workers))
     kwargs = {}
     if workers > 0:
-        kwargs = dict(persistent_workers=True, prefetch_factor=prefetch_factor, multiprocessing_context=mp_context())
+        kwargs = dict(persistent_workers=True, prefetch_factor=prefetch_factor, multiprocessing_context=mp_context(),
+                      worker_init_fn=_ignore_stop_signals)
     if isinstance(dataset, PinDataset):
         kwargs["collate_fn"] = collate_encoded if dataset.encoded else collate_pins
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,

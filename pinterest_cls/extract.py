@@ -8,12 +8,14 @@ import json
 import logging
 import os
 import signal
+import sys
+import time
 
 from omegaconf import DictConfig, OmegaConf
 
 from .cli import verb_main
 from .errors import UserError
-from .extraction import ShardDone, backbone_configs, extract_many
+from .extraction import ShardDone, Stopped, backbone_configs, extract_many
 from .plots import batch_timings_plot
 from .tracking import JobRun, mlflow_run
 
@@ -22,17 +24,22 @@ log = logging.getLogger(__name__)
 #: Fault injection for the crash-safety tests: kill -9 this process right after writing the Nth batch's rows,
 #: before they are committed.
 KILL_ENV = "PINTEREST_CLS_KILL_AFTER_BATCH"
+#: For the SLURM tests: sleep this many seconds after each batch, so that a job is still running when it is
+#: requeued or reaches its time limit.
+DELAY_ENV = "PINTEREST_CLS_BATCH_DELAY_S"
 
 
 def kill_hook():
-    """The ``on_batch`` callback that :data:`KILL_ENV` asks for, or None."""
+    """The ``on_batch`` callback that :data:`KILL_ENV` and :data:`DELAY_ENV` ask for, or None."""
     n = int(os.environ.get(KILL_ENV, "0") or 0)
-    if not n:
+    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    if not n and not delay:
         return None
 
     def on_batch(batch: int) -> None:
         if batch == n:
             os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(delay)
 
     return on_batch
 
@@ -97,7 +104,10 @@ def report(cfg: DictConfig, done: ShardDone, run: JobRun | None) -> None:
 @verb_main("extract")
 def main(cfg: DictConfig) -> None:
     _check_sweep(cfg)
-    extract(cfg)
+    try:
+        extract(cfg)
+    except Stopped as exc:  # SIGTERM, SIGUSR2 or Ctrl-C: what was written is committed (logged above)
+        sys.exit(128 + exc.signum)  # no result, so that a requeued SLURM job runs again and resumes
 
 
 def _check_sweep(cfg: DictConfig) -> None:

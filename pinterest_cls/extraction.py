@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -218,7 +221,10 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
     if jobs and on_start is not None:
         on_start([job.backbone.name for job in jobs])
     if jobs:
-        clock, gpu = _stream(cfg, ok, jobs, s, progress, on_batch)
+        with graceful_stop() as stop:
+            clock, gpu = _stream(cfg, ok, jobs, s, progress, on_batch, stop)
+        if stop.signum is not None:
+            stop.stopped(jobs, s)
         metas.update(_finish(jobs, s, clock, gpu, on_done))
         for job in jobs:  # after every store has committed and reported: nothing written is lost
             _check_failures(job.backbone.name, job.failures, s.lo, s.hi, s.shard_name, s.max_failed)
@@ -260,8 +266,9 @@ class _Clock:
 
 
 def _stream(cfg: DictConfig, ok, jobs: list[_Job], s: RunSettings, progress: bool,
-            on_batch: Callable[[int], None] | None):
-    """Decode the shard's pins once, run every job's model on each batch, write the rows and commit."""
+            on_batch: Callable[[int], None] | None, stop: StopRequest):
+    """Decode the shard's pins once, run every job's model on each batch, write the rows and commit; after a
+    stop request, commit what is written and stop."""
     from tqdm.auto import tqdm
 
     first = min(job.start for job in jobs)
@@ -299,7 +306,7 @@ def _stream(cfg: DictConfig, ok, jobs: list[_Job], s: RunSettings, progress: boo
         if on_batch is not None:
             on_batch(n)
         for job in jobs:
-            if job.done > job.start and (n % commit_every == 0 or job.done >= s.hi):
+            if job.done > job.start and (n % commit_every == 0 or job.done >= s.hi or stop.signum is not None):
                 elapsed = job.record["elapsed_s"] + time.perf_counter() - clock.start
                 job.store.commit({"lo": s.lo, "hi": s.hi, "done": job.done, "failures": job.failures,
                                   "elapsed_s": round(elapsed, 3), "batches": job.batches,
@@ -307,8 +314,69 @@ def _stream(cfg: DictConfig, ok, jobs: list[_Job], s: RunSettings, progress: boo
         clock.ready = time.perf_counter()
         if clock.first is None:
             clock.first, clock.first_size = clock.ready, size
+        if stop.signum is not None:
+            break
     bar.close()
+    del loader  # its workers end here, before a stop request is answered
     return clock, gpu
+
+
+#: Signals that stop extract cleanly: SLURM's cancel, requeue and preemption (SIGTERM), the warning before a
+#: time limit that submitit asks for (SIGUSR2), Ctrl-C (SIGINT).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+
+
+class Stopped(Exception):
+    """extract stopped on a signal after committing every row it had written."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+@dataclass
+class StopRequest:
+    """The first stop signal received while streaming, and the handlers it replaced."""
+
+    signum: int | None = None
+    previous: dict = field(default_factory=dict)
+
+    def stopped(self, jobs: list[_Job], s: RunSettings) -> None:
+        """Answer the request once the rows are committed: hand the signal to the handler that was there before
+        (submitit's: on SIGUSR2 it requeues the job and exits), then raise :class:`Stopped`."""
+        name = signal.Signals(self.signum).name
+        done = ", ".join(f"{j.backbone.name} {j.done - s.lo}/{s.hi - s.lo}" for j in jobs)
+        log.warning(f"{name}: stopped after committing every written row ({s.shard_name}: {done} rows); "
+                    "the same command resumes from there")
+        before = self.previous.get(self.signum)
+        if callable(before) and before is not signal.default_int_handler:
+            before(self.signum, None)
+        raise Stopped(self.signum, f"stopped by {name} after committing {done} rows of {s.shard_name}; "
+                                   "run the same command to resume")
+
+
+@contextlib.contextmanager
+def graceful_stop():
+    """While streaming: SIGTERM, SIGUSR2 and SIGINT only record a stop request, which the loop answers after its
+    batch (rows written and committed, at most the batch in flight lost). A second Ctrl-C stops at once. Only the
+    main thread can install handlers; elsewhere the signals keep their handlers."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.signum is None:
+            stop.signum = signum
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    stop.previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for sig, before in stop.previous.items():
+            signal.signal(sig, before)
 
 
 def _finish(jobs: list[_Job], s: RunSettings, clock: _Clock, gpu, on_done) -> dict[str, dict]:

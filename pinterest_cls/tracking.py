@@ -255,7 +255,8 @@ def mlflow_run(cfg: DictConfig, run_name: str, verb: str, tags: dict | None = No
     try:
         yield run
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        # Ctrl-C, or a job stopped on a signal (SLURM's cancel, requeue, time limit): killed, not failed
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) or hasattr(exc, "signum") else "FAILED"
         run.end(status)
         if parent:  # the sweep stops here (Hydra does not end it): so does its run
             JobRun(cfg, parent).end(status)

@@ -60,7 +60,8 @@ SlurmdUser=root
 SlurmctldPort=${PC_SLURMCTLD_PORT:-6817}
 SlurmdPort=${PC_SLURMD_PORT:-6818}
 AuthType=auth/munge
-AuthInfo=socket=$MUNGE_SOCKET
+# cred_expire: also how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=${PC_SLURM_CRED_EXPIRE:-10}
 CredType=cred/munge
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
@@ -77,6 +78,8 @@ JobCompLoc=$DIR/log/jobcomp.txt
 MpiDefault=none
 SwitchType=switch/none
 SchedulerType=sched/backfill
+# a small cluster schedules at once: a requeued job starts again within seconds of its cred_expire
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 # a node that was down (the daemons were restarted) comes back by itself
