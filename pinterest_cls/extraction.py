@@ -22,7 +22,7 @@ from .catalog import MANIFEST, format_report, load_manifest, scan_export
 from .data import PinDataset, default_workers, make_loader
 from .embedding import Runner, amp_name, library_versions, prepare_model, resolve_amp, resolve_device
 from .errors import UserError
-from .fileio import file_sha256, locked
+from .fileio import file_sha256, locked, slurm_job_id
 from .gpu_decode import GpuDecoder
 from .store import EmbeddingStore, rows_sha256, shard_range
 
@@ -310,7 +310,8 @@ def _stream(cfg: DictConfig, ok, jobs: list[_Job], s: RunSettings, progress: boo
                 elapsed = job.record["elapsed_s"] + time.perf_counter() - clock.start
                 job.store.commit({"lo": s.lo, "hi": s.hi, "done": job.done, "failures": job.failures,
                                   "elapsed_s": round(elapsed, 3), "batches": job.batches,
-                                  "shard": list(s.shard), "micro_batch": job.runner.micro_batch})
+                                  "shard": list(s.shard), "micro_batch": job.runner.micro_batch,
+                                  "slurm_job": slurm_job_id()})
         clock.ready = time.perf_counter()
         if clock.first is None:
             clock.first, clock.first_size = clock.ready, size

@@ -8,6 +8,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,6 +42,27 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 2
+
+
+def slurm_job_id() -> str | None:
+    """This process's SLURM job (``12_3`` for task 3 of array job 12), or None outside SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def slurm_states(jobs: list[str]) -> dict[str, str]:
+    """{job id: state} of those of ``jobs`` that SLURM's queue still holds (RUNNING, PENDING, ...); empty
+    where SLURM is not installed or does not answer."""
+    if not jobs or shutil.which("squeue") is None:
+        return {}
+    try:
+        out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(jobs)], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return dict(line.split(maxsplit=1) for line in out.splitlines() if " " in line)
 
 
 def file_sha256(path: Path) -> str:

@@ -17,6 +17,7 @@ from . import config
 from .cli import verb_main
 from .errors import UserError
 from .extraction import backbone_configs
+from .fileio import slurm_states
 from .store import FINGERPRINT_DEFAULTS, META, merge_records, read_records, shard_range
 
 
@@ -65,6 +66,7 @@ def store_status(folder: Path) -> dict:
     for (lo, hi), rec in sorted(by_range.items()):  # records from a sharding that no longer matches
         if (lo, hi) not in seen:
             shards.append(_shard_entry(meta, None, None, lo, hi, rec))
+    _add_slurm_states(shards)
     n_done = int(done.sum())
     state = "complete" if n_done == rows else ("partial" if n_done else "not started")
     return {"backbone": meta["backbone"], "folder": str(folder), "state": state, "rows": rows,
@@ -75,10 +77,20 @@ def _shard_entry(meta, index, count, lo, hi, rec) -> dict:
     done = (rec["done"] - lo) if rec else 0
     state = "done" if done >= hi - lo else ("partial" if done else "not started")
     entry = {"index": index, "count": count, "lo": lo, "hi": hi, "done": done, "state": state,
-             "elapsed_s": rec["elapsed_s"] if rec else 0.0}
+             "elapsed_s": rec["elapsed_s"] if rec else 0.0, "slurm_job": (rec or {}).get("slurm_job")}
     if state != "done" and index is not None:
         entry["rerun"] = rerun_command(meta, index, count)
     return entry
+
+
+def _add_slurm_states(shards: list[dict]) -> None:
+    """An unfinished shard that last committed from a SLURM job gets that job's state while SLURM's queue holds
+    it (``slurm_state``: RUNNING, PENDING, ...)."""
+    jobs = [sh["slurm_job"] for sh in shards if sh["slurm_job"] and sh["state"] != "done"]
+    states = slurm_states(jobs)
+    for sh in shards:
+        if sh["slurm_job"] in states and sh["state"] != "done":
+            sh["slurm_state"] = states[sh["slurm_job"]]
 
 
 def status(cfg: DictConfig) -> list[dict]:
@@ -99,7 +111,10 @@ def status(cfg: DictConfig) -> list[dict]:
             name = f"shard {sh['index']}/{sh['count']}" if sh["index"] is not None else "old shard"
             line = (f"    {name:<13} rows [{sh['lo']}, {sh['hi']})  {sh['done']}/{sh['hi'] - sh['lo']}  "
                     f"{sh['state']:<11}  {sh['elapsed_s']:.1f} s")
-            print(line + (f"\n      run it: {sh['rerun']}" if "rerun" in sh else ""))
+            if "slurm_state" in sh:  # still queued: no need to run it again
+                print(line + f"  SLURM job {sh['slurm_job']}: {sh['slurm_state']}")
+            else:
+                print(line + (f"\n      run it: {sh['rerun']}" if "rerun" in sh else ""))
     incomplete = [s["backbone"] for s in out if s["state"] != "complete"]
     print(f"{len(out) - len(incomplete)} of {len(out)} stores complete" +
           (f"; incomplete: {', '.join(incomplete)}" if incomplete else ""), flush=True)

@@ -18,6 +18,7 @@ import pytest
 
 from pinterest_cls.demo import ensure_demo_export
 from pinterest_cls.extract import DELAY_ENV, extract
+from pinterest_cls.status import status
 from pinterest_cls.store import read_records
 
 from .conftest import REPO, free_port, make_cfg, serving
@@ -110,7 +111,8 @@ def test_sharded_extract_runs_as_a_slurm_job_array_equal_to_a_local_run(slurm, e
     _assert_same_store(work, reference)
 
 
-def test_a_requeued_shard_commits_resumes_and_recomputes_no_committed_row(slurm, export, reference, tmp_path):
+def test_a_requeued_shard_commits_resumes_and_recomputes_no_committed_row(slurm, export, reference, tmp_path,
+                                                                          monkeypatch):
     work = tmp_path / "work"
     sweep = _verb("extract", "-m", f"paths.work={work}", f"data.root={export}", *EXTRACT, "extract.shard.count=2",
                   "extract.shard.index=0,1", *JOBS, "mlflow.enabled=false", slurm=slurm, cwd=tmp_path,
@@ -126,6 +128,11 @@ def test_a_requeued_shard_commits_resumes_and_recomputes_no_committed_row(slurm,
         sweep.kill()
         pytest.fail("shard 0 never committed a batch: " + sweep.stdout.read()[-2000:])
     array = _job_folders(work)[0].name.split("_")[0]
+    # status shows which SLURM job runs the unfinished shard
+    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
+    (store,) = status(make_cfg("status", [f"paths.work={work}", f"data.root={export}"]))
+    shard0 = next(sh for sh in store["shards"] if sh["index"] == 0)
+    assert (shard0["slurm_job"], shard0["slurm_state"]) == (f"{array}_0", "RUNNING")
     subprocess.run(["scontrol", "requeue", f"{array}_0"], env=dict(os.environ, **slurm), check=True)
     out, _ = sweep.communicate(timeout=400)
     assert sweep.returncode == 0, out[-3000:]

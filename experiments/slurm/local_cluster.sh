@@ -2,7 +2,8 @@
 # A real one-node SLURM cluster on this machine (Debian/Ubuntu, as root), for the tests marked `slurm` and for
 # trying the SLURM launchers without a cluster:
 #
-#   experiments/slurm/local_cluster.sh start    # installs slurm-wlm and munge if missing, starts the daemons
+#   experiments/slurm/local_cluster.sh install  # apt-get install what is missing (slurm-wlm, munge, slurmdbd, MariaDB)
+#   experiments/slurm/local_cluster.sh start    # installs what is missing, starts the daemons, waits for the node
 #   experiments/slurm/local_cluster.sh status   # sinfo, squeue and the daemons' pids
 #   experiments/slurm/local_cluster.sh env      # the line to `eval` so that sbatch/squeue/sacct find it
 #   experiments/slurm/local_cluster.sh stop     # ends the daemons it started (by their pids), nothing else
@@ -205,9 +206,10 @@ status() {
 }
 
 case "${1:-}" in
+  install) install_packages ;;
   start) start ;;
   stop) stop ;;
   status) status ;;
   env) echo "export SLURM_CONF=$CONF" ;;
-  *) die "usage: $0 start|stop|status|env" ;;
+  *) die "usage: $0 install|start|stop|status|env" ;;
 esac
