@@ -27,18 +27,28 @@ KILL_ENV = "PINTEREST_CLS_KILL_AFTER_BATCH"
 #: For the SLURM tests: sleep this many seconds after each batch, so that a job is still running when it is
 #: requeued or reaches its time limit.
 DELAY_ENV = "PINTEREST_CLS_BATCH_DELAY_S"
+#: For the stop tests: "N:SIG" sends signal SIG right after the Nth batch's rows are written, to this process's
+#: whole process group (DataLoader workers included, as Ctrl-C or SLURM would) when it leads the group.
+SIGNAL_ENV = "PINTEREST_CLS_SIGNAL_AFTER_BATCH"
 
 
 def kill_hook():
-    """The ``on_batch`` callback that :data:`KILL_ENV` and :data:`DELAY_ENV` ask for, or None."""
+    """The ``on_batch`` callback that :data:`KILL_ENV`, :data:`DELAY_ENV` and :data:`SIGNAL_ENV` ask for, or
+    None."""
     n = int(os.environ.get(KILL_ENV, "0") or 0)
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
-    if not n and not delay:
+    at, _, sig = (os.environ.get(SIGNAL_ENV) or "0:0").partition(":")
+    if not n and not delay and not int(at):
         return None
 
     def on_batch(batch: int) -> None:
         if batch == n:
             os.kill(os.getpid(), signal.SIGKILL)
+        if batch == int(at):
+            if os.getpgrp() == os.getpid():
+                os.killpg(os.getpgrp(), int(sig))
+            else:
+                os.kill(os.getpid(), int(sig))
         time.sleep(delay)
 
     return on_batch

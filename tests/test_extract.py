@@ -1,7 +1,10 @@
 """extract: row alignment, per-row failures, kill -9 resume, shards, refusal on mismatch, MLflow run."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ import torch
 from pinterest_cls.backbones import build_backbone
 from pinterest_cls.catalog import load_manifest
 from pinterest_cls.errors import UserError
-from pinterest_cls.extract import KILL_ENV, extract
+from pinterest_cls.extract import KILL_ENV, SIGNAL_ENV, extract
 from pinterest_cls.images import load_rgb
 from pinterest_cls.store import open_embeddings
 
@@ -94,6 +97,33 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, export):
     assert emb.tobytes() == reference.tobytes()
 
 
+def test_a_stop_signal_commits_the_written_rows_and_the_rerun_resumes(tmp_path, export):
+    """SIGTERM (scancel, a SLURM requeue) and SIGINT (Ctrl-C), sent to extract's whole process group after its
+    2nd batch, stop it after that batch with every written row committed (the regular commits are every 4
+    batches), a message and exit status 128 + the signal, without a traceback; each rerun resumes where the last
+    stopped, and the store ends bitwise equal. (SIGUSR2 takes the same path; under
+    submitit it also requeues the job: tests/test_slurm.py.)"""
+    args = [f"data.root={export}", *TINY, "extract.workers=2", "extract.commit_every=4", "extract.threads=1"]
+    extract(cfg_for(tmp_path / "a", export, "extract.threads=1"), progress=False)
+    work = tmp_path / "b"
+    for sig, committed in ((signal.SIGTERM, 8), (signal.SIGINT, 16)):
+        proc = subprocess.run([sys.executable, "-m", "pinterest_cls.extract", f"paths.work={work}", *args],
+                              cwd=tmp_path, env=dict(os.environ, **{SIGNAL_ENV: f"2:{int(sig)}"}),
+                              capture_output=True, text=True, timeout=300, start_new_session=True)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 128 + sig, out[-2000:]
+        assert (f"{signal.Signals(sig).name}: stopped after committing every written row (shard 0/1 rows [0, 24): "
+                f"test_efficientnet {committed}/24 rows)") in out
+        assert "Traceback" not in out and "killed by signal" not in out, out[-2000:]
+        (record,) = [json.loads(p.read_text()) for p in (work / "exp" / "embeddings" / "test_efficientnet" /
+                                                         "progress").glob("*.json")]
+        assert record["done"] == committed
+        assert committed == 8 or f"resuming shard 0/1 rows [0, 24) at row {committed - 8}" in out
+    rerun = run_verb("extract", f"paths.work={work}", *args, cwd=tmp_path)
+    assert rerun.returncode == 0 and "resuming shard 0/1 rows [0, 24) at row 16" in rerun.stdout
+    assert store_of(work)[0].tobytes() == store_of(tmp_path / "a")[0].tobytes()
+
+
 def test_shards_equal_a_single_run(tmp_path, export):
     extract(cfg_for(tmp_path / "single", export), progress=False)
     single = store_of(tmp_path / "single")[0].copy()
@@ -150,3 +180,23 @@ def test_a_missing_export_leaves_no_folder_behind(tmp_path):
         extract(make_cfg("extract", [f"paths.work={work}", f"data.root={tmp_path / 'missing'}",
                                      "mlflow.enabled=false"]), progress=False)
     assert not (work / "missing").exists()
+
+
+class _SignalDisposition(torch.utils.data.Dataset):
+    """Each item: how the worker process that loads it handles SIGTERM and SIGUSR2."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.tensor([int(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN),
+                             int(signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN)])
+
+
+def test_loader_workers_ignore_the_signals_slurm_sends_to_every_process_of_a_job():
+    """SLURM signals every process of a job it cancels, requeues or warns of its time limit; a worker killed by
+    it would fail the main process while it waits for a batch, before the main process could commit."""
+    from pinterest_cls.data import make_loader
+
+    batches = list(make_loader(_SignalDisposition(), batch_size=1, workers=2, pin_memory=False))
+    assert torch.cat(batches).tolist() == [[1, 1]] * 4
