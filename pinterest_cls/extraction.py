@@ -216,18 +216,22 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
     rows are written and before they are committed: where a test injects a crash. ``on_start(names)`` is called
     with the backbones that have work to do, once their stores are open and before the first pin is decoded."""
     _, ok = ok_rows(cfg)
-    s = run_settings(cfg, len(ok))
-    metas, jobs = _open_jobs(cfg, bcfgs, ok, s)
-    if jobs and on_start is not None:
-        on_start([job.backbone.name for job in jobs])
-    if jobs:
-        with graceful_stop() as stop:
-            clock, gpu = _stream(cfg, ok, jobs, s, progress, on_batch, stop)
-        if stop.signum is not None:
-            stop.stopped(jobs, s)
-        metas.update(_finish(jobs, s, clock, gpu, on_done))
-        for job in jobs:  # after every store has committed and reported: nothing written is lost
-            _check_failures(job.backbone.name, job.failures, s.lo, s.hi, s.shard_name, s.max_failed)
+    threads = torch.get_num_threads()  # extract.threads holds for this run only, not for the caller after it
+    try:
+        s = run_settings(cfg, len(ok))
+        metas, jobs = _open_jobs(cfg, bcfgs, ok, s)
+        if jobs and on_start is not None:
+            on_start([job.backbone.name for job in jobs])
+        if jobs:
+            with graceful_stop() as stop:
+                clock, gpu = _stream(cfg, ok, jobs, s, progress, on_batch, stop)
+            if stop.signum is not None:
+                stop.stopped(jobs, s)
+            metas.update(_finish(jobs, s, clock, gpu, on_done))
+            for job in jobs:  # after every store has committed and reported: nothing written is lost
+                _check_failures(job.backbone.name, job.failures, s.lo, s.hi, s.shard_name, s.max_failed)
+    finally:
+        torch.set_num_threads(threads)
     return metas
 
 

@@ -104,7 +104,9 @@ def test_a_stop_signal_commits_the_written_rows_and_the_rerun_resumes(tmp_path, 
     stopped, and the store ends bitwise equal. (SIGUSR2 takes the same path; under
     submitit it also requeues the job: tests/test_slurm.py.)"""
     args = [f"data.root={export}", *TINY, "extract.workers=2", "extract.commit_every=4", "extract.threads=1"]
+    before = torch.get_num_threads()
     extract(cfg_for(tmp_path / "a", export, "extract.threads=1"), progress=False)
+    assert torch.get_num_threads() == before  # extract.threads is the run's, not the caller's afterwards
     work = tmp_path / "b"
     for sig, committed in ((signal.SIGTERM, 8), (signal.SIGINT, 16)):
         proc = subprocess.run([sys.executable, "-m", "pinterest_cls.extract", f"paths.work={work}", *args],
