@@ -202,7 +202,7 @@ def _train_sweep(work, export, *extra, cwd, timeout=600):
 
 def test_parallel_sweep_into_one_sqlite_store_loses_no_run(tmp_path, embedded, big_export):
     proc = _train_sweep(embedded, big_export, "classifier=svm,knn,logreg,random_forest",
-                        "hydra.launcher.n_jobs=4", cwd=tmp_path)
+                        "hydra.launcher.n_jobs=4", "train.log_pipeline=false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "database is locked" not in proc.stderr + proc.stdout
     mlflow.set_tracking_uri(f"sqlite:///{embedded}/mlflow.db")

@@ -2,7 +2,9 @@
 
 import base64
 import json
+import logging
 import urllib.request
+import warnings
 
 import joblib
 import mlflow
@@ -29,8 +31,20 @@ def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("use") / "work"
     extract(make_cfg("extract", [f"paths.work={work}", *TINY, "extract.amp=off", "store.dtype=float32",
                                  "extract.workers=0", "mlflow.enabled=false"]), progress=False)
-    result = train(make_cfg("train", [f"paths.work={work}", *TINY, "classifier=logreg", "classifier.grid.C=[10]",
-                                      "split=stratified", "train.n_jobs=1"]))
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("mlflow").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = train(make_cfg("train", [f"paths.work={work}", *TINY, "classifier=logreg",
+                                              "classifier.grid.C=[10]", "split=stratified", "train.n_jobs=1"]))
+    finally:
+        logging.getLogger("mlflow").removeHandler(handler)
+    hidden = (DeprecationWarning, PendingDeprecationWarning)  # Python shows users neither by default
+    result["mlflow_warnings"] = [r.getMessage() for r in records] + [
+        str(w.message) for w in caught if "mlflow" in w.filename and not issubclass(w.category, hidden)]
     return work, result
 
 
@@ -135,6 +149,8 @@ def test_predict_errors(trained, tmp_path):
 
 def test_pyfunc_model_loads_and_serves(trained, tmp_path):
     work, result = trained
+    # logging the models warned of nothing: no pickle (skops, a model from code), type hints, an input example
+    assert result["mlflow_warnings"] == []
     uri = f"sqlite:///{work}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     model_uri = f"runs:/{result['run_id']}/pipeline"
