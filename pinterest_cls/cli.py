@@ -172,8 +172,8 @@ def check_overrides(config_name: str, args: list[str]) -> None:
         elif not o.is_force_add():
             keys.append((key, "+" if o.is_add() else ""))
         first.append(f"{o.get_key_element()}={values[0]}" if o.is_sweep_override() else o.input_line)
-    base = config.compose(config_name, [f for f, o in zip(first, overrides) if group_options(o.key_or_group)
-                                        and not o.is_add()])
+    # the keys as the chosen groups (+experiment=... too) make them
+    base = config.compose(config_name, [f for f, o in zip(first, overrides) if group_options(o.key_or_group)])
     top = set(base.keys()) | {g.lstrip("+") for g in groups}
     for key, mark in keys:
         head = key.split(".")[0]

@@ -29,6 +29,7 @@ def test_configuration_mistakes_name_the_key_and_the_closest_names(verb, args, m
     ("train", ["classifier=svm,knn", "split=kfold", "split.folds=3", "train.cv_folds=2", "hydra/launcher=local",
                "hydra.launcher.n_jobs=2"]),
     ("extract", ["+experiment=paper_grid_tiny", "backbones=null", "extract.batch_size=8"]),
+    ("report", ["+experiment=paper_grid_tiny", "grid.name=mine"]),  # a key that only the experiment has
     ("extract", ["+backbone.kwargs.drop_rate=0.1"]),
     ("finetune", ["model=timm", "model.backbone=efficientnet_lite0", "split.mode=kfold"]),
 ])
