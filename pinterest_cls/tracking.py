@@ -151,8 +151,9 @@ def sweep_tags() -> dict:
 
 
 def _parent_run(uri: str) -> str | None:
+    """The run of the sweep this job belongs to (written by :class:`SweepRuns`), if any, in this store."""
     hc = _hydra()
-    if hc is None or not hc.sweep.dir:
+    if not sweep_tags():
         return None
     try:
         record = json.loads((Path(hc.sweep.dir) / PARENT_FILE).read_text())
