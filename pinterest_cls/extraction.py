@@ -225,7 +225,7 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
         if jobs:
             with graceful_stop() as stop:
                 clock, gpu = _stream(cfg, ok, jobs, s, progress, on_batch, stop)
-            if stop.signum is not None:
+            if stop.signum is not None and any(job.done < s.hi for job in jobs):  # after the last batch: finish
                 stop.stopped(jobs, s)
             metas.update(_finish(jobs, s, clock, gpu, on_done))
             for job in jobs:  # after every store has committed and reported: nothing written is lost
