@@ -148,20 +148,49 @@ def backbone_from_meta(meta: dict, check_weights: bool = True):
     return backbone
 
 
+def runtime_device(runtime: str, device: str, key: str = "extract.device") -> torch.device:
+    """The device a runtime runs on: OpenVINO runs on the CPU (``auto`` means the CPU there)."""
+    if runtime == "openvino":
+        if str(device) not in ("auto", "cpu"):
+            raise UserError(f"{key}={device} but extract.runtime=openvino runs on the CPU; use {key}=cpu "
+                            "(or auto), or extract.runtime=torch")
+        return torch.device("cpu")
+    return resolve_device(str(device), key)
+
+
+def make_runner(backbone, device: torch.device, amp: torch.dtype | None, runtime: str = "torch",
+                channels_last: bool = True, compile_: bool = False, micro_batch: int | None = None,
+                request_rows: int | None = None):
+    """The runner of ``backbone``'s model: :class:`Runner` (eager PyTorch, optionally compiled) or, for
+    ``runtime="openvino"``, :class:`openvino_runtime.OpenVINORunner` with ``request_rows`` pins per request."""
+    if runtime == "openvino":
+        from .openvino_runtime import OpenVINORunner
+
+        size = int(backbone.info["input_size"])
+        return OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name, request_rows or 16)
+    return Runner(prepare_model(backbone.model, device, channels_last, compile_), device, amp, channels_last,
+                  micro_batch)
+
+
 def embed_paths(backbone, paths: list[str], *, batch_size: int = 64, workers: int | None = None,
                 device: str = "auto", amp: str = "auto", draft: bool = True, progress: bool = False,
-                max_pixels: int | None = None, dtype: str | None = None) -> tuple[np.ndarray, list[str]]:
+                max_pixels: int | None = None, dtype: str | None = None, runtime: str = "torch",
+                request_rows: int | None = None) -> tuple[np.ndarray, list[str]]:
     """Features (len(paths) x D, float32; zeros where decoding failed) and a reason per path ("" = ok),
     through the same Dataset, loader and runner as ``extract``. ``amp``: the precision a store recorded
     (``bf16``, ``fp16``, ``fp32``); ``dtype``: the store's dtype, whose rounding the features then get, so that
-    they compare with the store's rows."""
+    they compare with the store's rows; ``runtime`` and ``request_rows``: the store's runtime
+    (``extract.runtime``) and OpenVINO request shape."""
     from tqdm.auto import tqdm
+
+    from .openvino_runtime import check_runtime
 
     if amp == "auto":
         log.warning("note: the embeddings' meta.json does not record the precision they were made with (made before it "
               "was recorded); embedding with extract.amp=auto as resolved on this device")
-    dev = resolve_device(device)
-    runner = Runner(prepare_model(backbone.model, dev, True, False), dev, resolve_amp(amp, dev), True)
+    runtime = check_runtime(runtime)
+    dev = runtime_device(runtime, device)
+    runner = make_runner(backbone, dev, resolve_amp(amp, dev), runtime, request_rows=request_rows)
     dataset = PinDataset(list(map(str, paths)), range(len(paths)), backbone.transform, backbone.resize_size,
                          draft=draft, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     n_workers = default_workers() if workers is None else workers

@@ -20,10 +20,11 @@ from . import config
 from .backbones import build_backbone
 from .catalog import MANIFEST, format_report, load_manifest, scan_export
 from .data import PinDataset, default_workers, make_loader
-from .embedding import Runner, amp_name, library_versions, prepare_model, resolve_amp, resolve_device
+from .embedding import Runner, amp_name, library_versions, make_runner, resolve_amp, runtime_device
 from .errors import UserError
 from .fileio import file_sha256, locked, slurm_job_id
 from .gpu_decode import GpuDecoder
+from .openvino_runtime import check_runtime, openvino_version
 from .store import EmbeddingStore, rows_sha256, shard_range
 
 log = logging.getLogger(__name__)
@@ -96,10 +97,10 @@ class _Job:
         self.timings: list[tuple[int, int, float, float]] = []
 
 
-def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, rows_id: str, manifest_id: str, amp, batch_size: int,
-                dtype: str, decode: str, micro_batch: int | None):
+def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, rows_id: str, manifest_id: str, s: RunSettings):
     """Build ``bcfg``'s backbone and open (or create) its store. ``rows_id``/``manifest_id``: the sha256 of
     the rows to embed and of the manifest, computed once per run for all its backbones."""
+    amp, batch_size, dtype, decode, micro_batch = s.amp, s.batch_size, s.dtype, s.decode, s.micro_batch
     torch.manual_seed(int(cfg.extract.seed))  # random-init backbones (pretrained=false) are reproducible
     backbone = build_backbone(bcfg)
     folder = config.embeddings_dir(cfg, backbone.name)
@@ -111,6 +112,9 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, rows_id: str, manifest_id
         "rows_sha256": rows_id, "rows": len(ok), "dtype": dtype, "batch_size": batch_size,
         "draft": bool(ecfg.draft), "amp": str(amp).replace("torch.", "") if amp else None,
         "seed": int(ecfg.seed), "decode": decode, "micro_batch": micro_batch,
+        # the runtime computes the features (a store is never resumed with another) and, for OpenVINO, the
+        # request shape that their last bits depend on
+        "runtime": s.runtime, "request_rows": s.request_rows,
     }
     meta = {
         "backbone": backbone.name, "timm_id": backbone.info.get("timm_id"),
@@ -124,11 +128,12 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, rows_id: str, manifest_id
         # the precision used (never "auto"): predict and search embed new images with it
         "extract": {"seed": int(ecfg.seed), "draft": bool(ecfg.draft), "amp": amp_name(amp),
                     "batch_size": batch_size, "max_pixels": int(cfg.scan.max_pixels), "decode": decode,
-                    "micro_batch": micro_batch},
+                    "micro_batch": micro_batch, "runtime": s.runtime, "request_rows": s.request_rows},
         "data_root": None if config.select(cfg, "data.root") in (None, "") else str(cfg.data.root),
         "manifest": str(config.data_dir(cfg) / MANIFEST),
         "manifest_sha256": manifest_id,
-        "versions": library_versions(),
+        "versions": {**library_versions(),
+                     **({"openvino": openvino_version()} if s.runtime == "openvino" else {})},
     }
     store = EmbeddingStore.open_or_create(folder, index, backbone.dim, dtype, meta, fingerprint,
                                           overwrite=bool(ecfg.overwrite))
@@ -160,6 +165,8 @@ class RunSettings:
     max_failed: float
     dtype: str
     workers: int
+    runtime: str  # torch | openvino
+    request_rows: int | None  # OpenVINO's rows per infer request (None with torch)
     shard: tuple[int, int]
     lo: int
     hi: int
@@ -172,7 +179,8 @@ class RunSettings:
 def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
     """``extract.*`` checked, each bad value a one-line error naming its key; sets ``extract.threads``."""
     ecfg = cfg.extract
-    device = resolve_device(str(ecfg.device))
+    runtime = check_runtime(str(config.select(cfg, "extract.runtime") or "torch"))
+    device = runtime_device(runtime, str(ecfg.device))
     batch_size = int(ecfg.batch_size)
     if batch_size < 1:
         raise UserError(f"extract.batch_size={batch_size} must be >= 1")
@@ -183,6 +191,17 @@ def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
     decode = str(config.select(cfg, "extract.decode"))
     if decode not in ("cpu", "gpu"):
         raise UserError(f"extract.decode={decode!r} must be cpu (workers decode) or gpu (nvJPEG on the device)")
+    request_rows = None
+    if runtime == "openvino":
+        request_rows = int(config.select(cfg, "extract.openvino.request_rows") or 16)
+        if request_rows < 1:
+            raise UserError(f"extract.openvino.request_rows={request_rows} must be >= 1")
+        if bool(ecfg.compile):
+            raise UserError("extract.compile=true compiles PyTorch's model; OpenVINO compiles its own: set "
+                            "extract.compile=false with extract.runtime=openvino")
+        if micro_batch is not None:
+            raise UserError("extract.micro_batch applies to extract.runtime=torch; OpenVINO splits a batch into "
+                            "requests of extract.openvino.request_rows pins")
     if decode == "gpu" and device.type != "cuda":
         raise UserError(f"extract.decode=gpu needs a CUDA device, but extract.device={ecfg.device} resolved to "
                         f"{device}; use extract.decode=cpu")
@@ -201,7 +220,7 @@ def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
     lo, hi = shard_range(n_rows, batch_size, *shard)
     workers = default_workers() if ecfg.workers is None else int(ecfg.workers)
     return RunSettings(device, resolve_amp(ecfg.amp, device), batch_size, micro_batch, decode, max_failed, dtype,
-                       workers, shard, lo, hi)
+                       workers, runtime, request_rows, shard, lo, hi)
 
 
 def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True,
@@ -242,8 +261,7 @@ def _open_jobs(cfg: DictConfig, bcfgs: list[DictConfig], ok, s: RunSettings) -> 
     jobs: list[_Job] = []
     rows_id, manifest_id = rows_sha256(ok), file_sha256(config.data_dir(cfg) / MANIFEST)
     for bcfg in bcfgs:
-        backbone, store, folder = _open_store(cfg, bcfg, ok, rows_id, manifest_id, s.amp, s.batch_size, s.dtype,
-                                              s.decode, s.micro_batch)
+        backbone, store, folder = _open_store(cfg, bcfg, ok, rows_id, manifest_id, s)
         record = store.progress(s.lo, s.hi)
         if record["done"] >= s.hi:
             log.info(f"{backbone.name}: {s.shard_name} already done.")
@@ -255,8 +273,8 @@ def _open_jobs(cfg: DictConfig, bcfgs: list[DictConfig], ok, s: RunSettings) -> 
                      f"({record['done'] - s.lo} rows already committed).")
         # an earlier run that ran out of memory went on with smaller micro-batches: so does this one
         channels_last = bool(cfg.extract.channels_last)
-        runner = Runner(prepare_model(backbone.model, s.device, channels_last, bool(cfg.extract.compile)),
-                        s.device, s.amp, channels_last, record.get("micro_batch", s.micro_batch))
+        runner = make_runner(backbone, s.device, s.amp, s.runtime, channels_last, bool(cfg.extract.compile),
+                             record.get("micro_batch", s.micro_batch), s.request_rows)
         jobs.append(_Job(backbone, store, folder, record, runner))
     return metas, jobs
 
@@ -401,6 +419,8 @@ def _finish(jobs: list[_Job], s: RunSettings, clock: _Clock, gpu, on_done) -> di
                  "wait_s": sum(t[2] for t in job.timings), "compute_s": sum(t[3] for t in job.timings),
                  "micro_batch": job.runner.micro_batch, "workers": s.workers, "threads": torch.get_num_threads(),
                  "device": s.device.type, "amp": str(s.amp).replace("torch.", "") if s.amp else "off",
+                 "runtime": s.runtime,
+                 **({"openvino": job.runner.describe()} if s.runtime == "openvino" else {}),
                  "shard": s.shard_name, "decoded_for": [j.backbone.name for j in jobs]}
         meta = job.store.finalize({"last_run": {k: round(v, 3) if isinstance(v, float) else v
                                                 for k, v in stats.items()}})

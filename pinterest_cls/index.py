@@ -134,7 +134,9 @@ def query_vector(cfg: DictConfig, emb, index_df: pd.DataFrame, meta: dict) -> tu
     backbone = backbone_from_meta(meta)
     vec, reasons = embed_paths(backbone, [str(path)], batch_size=1, workers=0,
                                amp=meta.get("extract", {}).get("amp", "auto"),
-                               draft=meta.get("extract", {}).get("draft", True), dtype=meta.get("dtype"))
+                               draft=meta.get("extract", {}).get("draft", True), dtype=meta.get("dtype"),
+                               runtime=meta.get("extract", {}).get("runtime", "torch"),
+                               request_rows=meta.get("extract", {}).get("request_rows"))
     if reasons[0]:
         raise UserError(f"query={q} is not an image ({reasons[0]})")
     return vec, str(path), None

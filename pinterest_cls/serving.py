@@ -43,7 +43,8 @@ class EndToEnd:
         feats, reasons = embed_paths(self.backbone, paths, batch_size=self.batch_size, workers=self.workers,
                                      device=self.device, amp=ex.get("amp", "auto"), draft=ex.get("draft", True),
                                      progress=progress, max_pixels=ex.get("max_pixels"),
-                                     dtype=self.meta.get("dtype"))
+                                     dtype=self.meta.get("dtype"), runtime=ex.get("runtime", "torch"),
+                                     request_rows=ex.get("request_rows"))
         ok = np.array([not r for r in reasons], dtype=bool)
         frame = pd.DataFrame({"path": list(map(str, paths)), "prediction": None, "score": np.nan})
         classes = np.asarray(self.classifier.classes_)
@@ -158,6 +159,8 @@ def log_pipeline(classifier, store_meta_path: Path, workdir: Path, example_image
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
+    # the served model embeds with the runtime that made the training embeddings
+    runtime = json.loads(Path(store_meta_path).read_text()).get("extract", {}).get("runtime", "torch")
     clf_path = workdir / "classifier.skops"
     clf_path.write_bytes(skops_bytes(classifier))
     # the input the model takes, stated, so that MLflow checks requests against it (and infers nothing):
@@ -168,7 +171,7 @@ def log_pipeline(classifier, store_meta_path: Path, workdir: Path, example_image
     mlflow.pyfunc.log_model(name=PIPELINE, python_model=str(PYFUNC_CODE), signature=signature, input_example=example,
                             artifacts={"classifier": str(clf_path), "embeddings_meta": str(store_meta_path)},
                             pip_requirements=["mlflow", "torch", "timm", "scikit-learn", "skops", "faiss-cpu",
-                                              "pillow"])
+                                              "pillow", *(["openvino"] if runtime == "openvino" else [])])
 
 
 def collect_inputs(spec: str, image_name: str = "pin_closeup_image.jpg") -> list[str]:

@@ -51,7 +51,7 @@ def shard_range(n_rows: int, batch_size: int, index: int, count: int) -> tuple[i
 
 #: Fingerprint keys added after the first stores were written, with the value those stores were made with: a
 #: store whose fingerprint lacks such a key matches a run with that value (so it can still be resumed).
-FINGERPRINT_DEFAULTS = {"decode": "cpu", "micro_batch": None}
+FINGERPRINT_DEFAULTS = {"decode": "cpu", "micro_batch": None, "runtime": "torch", "request_rows": None}
 
 
 def _filled(fingerprint: dict) -> dict:
