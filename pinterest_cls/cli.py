@@ -232,7 +232,9 @@ def _remove_empty_job_folder() -> None:
         if all(p.name in ("multirun.yaml", ".mlflow_parent_run") for p in parent.iterdir()):
             shutil.rmtree(parent, ignore_errors=True)
             parent = parent.parent
-    try:
-        parent.rmdir()  # the verb's folder (hydra/<verb>, hydra/<verb>-multirun) when nothing else is in it
-    except OSError:
-        pass
+    for _ in range(3):  # hydra/<verb> (or <verb>-multirun), hydra/ and the work folder, each if left empty
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+        parent = parent.parent

@@ -234,6 +234,8 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
     may stop the run (so what was written is reported first). ``on_batch(n)`` is called after the n-th batch's
     rows are written and before they are committed: where a test injects a crash. ``on_start(names)`` is called
     with the backbones that have work to do, once their stores are open and before the first pin is decoded."""
+    # a runtime that cannot run here fails before the export is scanned
+    runtime_device(check_runtime(str(config.select(cfg, "extract.runtime") or "torch")), str(cfg.extract.device))
     _, ok = ok_rows(cfg)
     threads = torch.get_num_threads()  # extract.threads holds for this run only, not for the caller after it
     try:

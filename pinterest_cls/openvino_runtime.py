@@ -108,11 +108,13 @@ def convert(model: torch.nn.Module, shape: tuple[int, ...], name: str):
         try:
             tmp.rename(folder)  # atomic: a concurrent run that got there first keeps its copy
         except OSError:
-            pass
+            if not xml.is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info(f"{name}: converted to OpenVINO in {time.perf_counter() - t0:.1f} s (cached in {folder})")
-    return ov_model, False
+    # compiled from the saved IR, as every later run is: the model in memory computes other last bits
+    return core.read_model(str(xml)), False
 
 
 class OpenVINORunner:

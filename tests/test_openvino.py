@@ -1,0 +1,178 @@
+"""extract.runtime=openvino: features against torch fp32 on real photos with real weights, a classifier across
+runtimes, bitwise resume, the cache, the refusals and errors, and predict/search/serving embedding like the store."""
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from pinterest_cls.backbones import build_backbone
+from pinterest_cls.embedding import backbone_from_meta, embed_paths
+from pinterest_cls.errors import UserError
+from pinterest_cls.extract import KILL_ENV, extract
+from pinterest_cls.store import open_embeddings
+
+from .conftest import make_cfg, make_pinterest_export, run_verb
+
+pytest.importorskip("openvino")
+
+from pinterest_cls.openvino_runtime import OpenVINORunner  # noqa: E402
+
+TINY = ["backbone=timm", "backbone.model=test_efficientnet", "backbone.pretrained=false",
+        "backbone.image_size=64", "extract.batch_size=8", "mlflow.enabled=false", "extract.runtime=openvino",
+        "extract.openvino.request_rows=3"]
+
+
+@pytest.fixture(autouse=True)
+def ov_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PINTEREST_CLS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[str]:
+    """24 real photographs: crops of scikit-learn's two sample photos at several sizes and places, as JPEGs."""
+    from sklearn.datasets import load_sample_images
+
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for k, image in enumerate(load_sample_images().images):  # 427 x 640 each
+        im = Image.fromarray(image)
+        for i, (w, h) in enumerate([(640, 427), (400, 300), (300, 400), (250, 250), (320, 200), (200, 320)]):
+            for j, (x, y) in enumerate([(0, 0), (640 - w, 427 - h)]):
+                path = folder / f"p{k}_{i}_{j}.jpg"
+                im.crop((x, y, x + w, y + h)).save(path, quality=90)
+                paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return build_backbone(OmegaConf.create({"name": "efficientnet_lite0", "kind": "efficientnet_lite0"}))
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_openvino_features_match_torch_fp32_on_real_photos_with_real_weights(photos, lite0):
+    torch_fp32, reasons = embed_paths(lite0, photos, batch_size=16, workers=0, amp="fp32")
+    assert not any(reasons) and np.abs(torch_fp32).sum(1).min() > 0
+    ov_fp32, _ = embed_paths(lite0, photos, batch_size=16, workers=0, amp="fp32", runtime="openvino")
+    assert cosines(torch_fp32, ov_fp32).min() >= 0.999
+    # bf16 (extract.amp=auto on a CPU with native bf16) moves the features as much as torch's bf16 does, no more
+    ov_bf16, _ = embed_paths(lite0, photos, batch_size=16, workers=0, amp="bf16", runtime="openvino")
+    torch_bf16, _ = embed_paths(lite0, photos, batch_size=16, workers=0, amp="bf16")
+    assert cosines(torch_fp32, ov_bf16).min() >= min(0.99, cosines(torch_fp32, torch_bf16).min() - 0.002)
+    assert not np.array_equal(ov_fp32, ov_bf16)  # the precision asked for is the precision run
+
+
+def test_a_classifier_trained_on_torch_features_scores_the_same_on_openvino_features(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    common = [f"paths.work={tmp_path / 'w'}", "mlflow.enabled=false", "extract.workers=1"]
+    torch_meta = extract(make_cfg("extract", common), progress=False)  # the demo, efficientnet_lite0
+    ov_meta = extract(make_cfg("extract", [*common, "extract.runtime=openvino", "extract.overwrite=true",
+                                            "paths.embeddings=${paths.work}/${data.name}/ov"]), progress=False)
+    assert torch_meta["extract"]["runtime"] == "torch" and ov_meta["extract"]["runtime"] == "openvino"
+    assert torch_meta["extract"]["amp"] == ov_meta["extract"]["amp"]
+    X_torch, index, _ = open_embeddings(tmp_path / "w" / "demo" / "embeddings" / "efficientnet_lite0")
+    X_ov, index_ov, _ = open_embeddings(tmp_path / "w" / "demo" / "ov" / "efficientnet_lite0")
+    assert list(index["path"]) == list(index_ov["path"])
+    X_torch, X_ov = np.asarray(X_torch, np.float32), np.asarray(X_ov, np.float32)
+    assert cosines(X_torch, X_ov).min() > 0.98
+    y, groups = index["category"].to_numpy(), index["board"].to_numpy()
+    right_torch = right_ov = 0
+    for train, test in StratifiedGroupKFold(4).split(X_torch, y, groups):  # whole boards held out
+        clf = LogisticRegression(max_iter=2000).fit(X_torch[train], y[train])
+        right_torch += (clf.predict(X_torch[test]) == y[test]).sum()
+        right_ov += (clf.predict(X_ov[test]) == y[test]).sum()
+    assert 0.5 < right_torch / len(y) < 1.0  # a task with mistakes to make
+    assert abs(right_torch - right_ov) / len(y) <= 0.01
+
+
+def test_openvino_store_resumes_bitwise_after_kill_and_refuses_the_torch_runtime(tmp_path, ov_cache):
+    export = make_pinterest_export(tmp_path / "exp", {("ann", "b1"): "cats", ("bob", "b2"): "dogs"},
+                                   pins_per_board=12, size=(120, 160))
+    args = [f"data.root={export}", *TINY, "extract.workers=2", "extract.commit_every=1"]
+    reference = extract(make_cfg("extract", [f"paths.work={tmp_path / 'a'}", *args]), progress=False)
+    assert reference["complete"]
+    folder = tmp_path / "b" / "exp" / "embeddings" / "test_efficientnet"
+    killed = run_verb("extract", f"paths.work={tmp_path / 'b'}", *args, cwd=tmp_path,
+                      env={"PINTEREST_CLS_CACHE": str(ov_cache), KILL_ENV: "2"})
+    assert killed.returncode == -signal.SIGKILL
+    assert "converted to OpenVINO" not in killed.stdout + killed.stderr  # the first run's conversion is reused
+    assert json.loads(next((folder / "progress").glob("*.json")).read_text())["done"] == 8
+    before = (folder / "embeddings.npy").read_bytes()
+    cfg = make_cfg("extract", [f"paths.work={tmp_path / 'b'}", *args])
+    with pytest.raises(UserError, match=r"runtime: stored 'openvino', now 'torch'"):
+        extract(make_cfg("extract", [f"paths.work={tmp_path / 'b'}", *args, "extract.runtime=torch"]), progress=False)
+    assert (folder / "embeddings.npy").read_bytes() == before  # nothing written is lost
+    meta = extract(cfg, progress=False)
+    assert meta["last_run"]["rows"] == 16  # resumed at row 8 of 24
+    emb, index, meta = open_embeddings(folder)
+    ref, _, _ = open_embeddings(tmp_path / "a" / "exp" / "embeddings" / "test_efficientnet")
+    assert meta["complete"] and index["embedded"].all()
+    assert np.asarray(emb).tobytes() == np.asarray(ref).tobytes()
+    assert meta["extract"]["runtime"] == "openvino" and meta["extract"]["request_rows"] == 3
+    assert meta["fingerprint"]["runtime"] == "openvino" and meta["versions"]["openvino"]
+    assert meta["last_run"]["openvino"]["request_rows"] == 3
+    # what predict and search do with a new image: embed it like the store's rows, bit for bit
+    paths = list(index["path"][[0, 5, 17]])
+    again, reasons = embed_paths(backbone_from_meta(meta), paths, workers=0, amp=meta["extract"]["amp"],
+                                 runtime="openvino", request_rows=3, dtype=meta["dtype"])
+    assert not any(reasons)
+    assert again.tobytes() == np.asarray(emb[[0, 5, 17]], np.float32).tobytes()
+
+
+def test_the_converted_model_is_cached_by_its_weights(ov_cache):
+    cfg = OmegaConf.create({"name": "t", "kind": "timm", "model": "test_efficientnet", "pretrained": False,
+                            "image_size": 64})
+    torch.manual_seed(0)
+    a = build_backbone(cfg)
+    x = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    first = OpenVINORunner(a.model, (64, 64), "fp32", "t", request_rows=4)
+    second = OpenVINORunner(a.model, (64, 64), "fp32", "t", request_rows=4)
+    assert not first.cached and second.cached
+    assert len(list((ov_cache / "openvino").iterdir())) == 1
+    assert first(x).tobytes() == second(x).tobytes()
+    torch.manual_seed(1)  # other weights: another entry, never the first one's model
+    b = build_backbone(cfg)
+    third = OpenVINORunner(b.model, (64, 64), "fp32", "t", request_rows=4)
+    assert not third.cached and len(list((ov_cache / "openvino").iterdir())) == 2
+    with torch.inference_mode():
+        np.testing.assert_allclose(third(x), b.model(x).numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_a_model_openvino_cannot_convert_is_named():
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            return x.float().mean((2, 3)) if x.float().mean() > 100 else x.float().amax((2, 3))
+
+    with pytest.raises(UserError, match=r"^OpenVINO cannot convert backbone odd_model \(.*use extract.runtime=torch"):
+        OpenVINORunner(DataDependent(), (8, 8), "fp32", "odd_model")
+
+
+def test_without_openvino_installed_the_runtime_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "blocker" / "openvino"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError(\"No module named 'openvino'\")\n")
+    proc = run_verb("extract", f"paths.work={tmp_path / 'w'}", "extract.runtime=openvino", "mlflow.enabled=false",
+                    cwd=tmp_path, env={"PYTHONPATH": str(blocker.parent)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ('error: extract.runtime=openvino needs the openvino package, which is not '
+                                   'installed: pip install -e ".[openvino]" (or pip install openvino)')
+    assert not (tmp_path / "w").exists()  # refused before anything was scanned or written
+
+
+def test_openvino_runs_on_the_cpu_only(tmp_path):
+    with pytest.raises(UserError, match="extract.device=cuda but extract.runtime=openvino runs on the CPU"):
+        extract(make_cfg("extract", [f"paths.work={tmp_path}", "extract.runtime=openvino", "extract.device=cuda",
+                                     "mlflow.enabled=false"]), progress=False)
+    assert not Path(tmp_path / "demo").exists()
