@@ -16,6 +16,7 @@ from .backbones import build_backbone
 from .data import PinDataset, default_workers, make_loader
 from .errors import UserError
 from .images import DEFAULT_MAX_PIXELS
+from .openvino_runtime import OpenVINORunner, check_runtime
 
 log = logging.getLogger(__name__)
 
@@ -164,50 +165,70 @@ def make_runner(backbone, device: torch.device, amp: torch.dtype | None, runtime
     """The runner of ``backbone``'s model: :class:`Runner` (eager PyTorch, optionally compiled) or, for
     ``runtime="openvino"``, :class:`openvino_runtime.OpenVINORunner` with ``request_rows`` pins per request."""
     if runtime == "openvino":
-        from .openvino_runtime import OpenVINORunner
-
         size = int(backbone.info["input_size"])
         return OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name, request_rows or 16)
     return Runner(prepare_model(backbone.model, device, channels_last, compile_), device, amp, channels_last,
                   micro_batch)
 
 
+class Embedder:
+    """A backbone and its runner, built once, that embed any image paths through the same Dataset, loader and
+    runner as ``extract``: what ``predict``, ``search`` and the served model use, so that a long-lived model
+    (a server) compiles its runtime once. ``amp``: the precision a store recorded (``bf16``, ``fp16``,
+    ``fp32``); ``dtype``: the store's dtype, whose rounding the features then get, so that they compare with
+    the store's rows; ``runtime`` and ``request_rows``: the store's runtime (``extract.runtime``) and OpenVINO
+    request shape."""
+
+    def __init__(self, backbone, *, device: str = "auto", amp: str = "auto", draft: bool = True,
+                 max_pixels: int | None = None, dtype: str | None = None, runtime: str = "torch",
+                 request_rows: int | None = None):
+        if amp == "auto":
+            log.warning("note: the embeddings' meta.json does not record the precision they were made with (made "
+                        "before it was recorded); embedding with extract.amp=auto as resolved on this device")
+        runtime = check_runtime(runtime)
+        self.backbone, self.draft, self.dtype = backbone, draft, dtype
+        self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+        self.device = runtime_device(runtime, device)
+        self.runner = make_runner(backbone, self.device, resolve_amp(amp, self.device), runtime,
+                                  request_rows=request_rows)
+
+    @classmethod
+    def for_store(cls, backbone, meta: dict, device: str = "auto") -> Embedder:
+        """Embedding new images exactly as the store of ``meta`` (its ``meta.json``) embedded its pins."""
+        ex = meta.get("extract", {})
+        return cls(backbone, device=device, amp=ex.get("amp", "auto"), draft=ex.get("draft", True),
+                   max_pixels=ex.get("max_pixels"), dtype=meta.get("dtype"), runtime=ex.get("runtime", "torch"),
+                   request_rows=ex.get("request_rows"))
+
+    def __call__(self, paths: list[str], *, batch_size: int = 64, workers: int | None = None,
+                 progress: bool = False) -> tuple[np.ndarray, list[str]]:
+        """Features (len(paths) x D, float32; zeros where decoding failed) and a reason per path ("" = ok)."""
+        from tqdm.auto import tqdm
+
+        backbone = self.backbone
+        dataset = PinDataset(list(map(str, paths)), range(len(paths)), backbone.transform, backbone.resize_size,
+                             draft=self.draft, max_pixels=self.max_pixels)
+        n_workers = default_workers() if workers is None else workers
+        loader = make_loader(dataset, batch_size, min(n_workers, max(0, len(paths) // batch_size)),
+                             pin_memory=self.device.type == "cuda")
+        feats = np.zeros((len(paths), backbone.dim), dtype=np.float32)
+        reasons = [""] * len(paths)
+        with tqdm(total=len(paths), desc=f"embed {backbone.name}", unit="img", disable=not progress) as bar:
+            for rows, pixels, failed in loader:
+                if pixels is not None:
+                    feats[rows.numpy()] = self.runner(pixels)
+                for row, reason in failed:
+                    reasons[row] = reason
+                bar.update(len(rows) + len(failed))
+        if self.dtype is not None:
+            feats = feats.astype(self.dtype).astype(np.float32)
+        return feats, reasons
+
+
 def embed_paths(backbone, paths: list[str], *, batch_size: int = 64, workers: int | None = None,
-                device: str = "auto", amp: str = "auto", draft: bool = True, progress: bool = False,
-                max_pixels: int | None = None, dtype: str | None = None, runtime: str = "torch",
-                request_rows: int | None = None) -> tuple[np.ndarray, list[str]]:
-    """Features (len(paths) x D, float32; zeros where decoding failed) and a reason per path ("" = ok),
-    through the same Dataset, loader and runner as ``extract``. ``amp``: the precision a store recorded
-    (``bf16``, ``fp16``, ``fp32``); ``dtype``: the store's dtype, whose rounding the features then get, so that
-    they compare with the store's rows; ``runtime`` and ``request_rows``: the store's runtime
-    (``extract.runtime``) and OpenVINO request shape."""
-    from tqdm.auto import tqdm
-
-    from .openvino_runtime import check_runtime
-
-    if amp == "auto":
-        log.warning("note: the embeddings' meta.json does not record the precision they were made with (made before it "
-              "was recorded); embedding with extract.amp=auto as resolved on this device")
-    runtime = check_runtime(runtime)
-    dev = runtime_device(runtime, device)
-    runner = make_runner(backbone, dev, resolve_amp(amp, dev), runtime, request_rows=request_rows)
-    dataset = PinDataset(list(map(str, paths)), range(len(paths)), backbone.transform, backbone.resize_size,
-                         draft=draft, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-    n_workers = default_workers() if workers is None else workers
-    loader = make_loader(dataset, batch_size, min(n_workers, max(0, len(paths) // batch_size)),
-                         pin_memory=dev.type == "cuda")
-    feats = np.zeros((len(paths), backbone.dim), dtype=np.float32)
-    reasons = [""] * len(paths)
-    with tqdm(total=len(paths), desc=f"embed {backbone.name}", unit="img", disable=not progress) as bar:
-        for rows, pixels, failed in loader:
-            if pixels is not None:
-                feats[rows.numpy()] = runner(pixels)
-            for row, reason in failed:
-                reasons[row] = reason
-            bar.update(len(rows) + len(failed))
-    if dtype is not None:
-        feats = feats.astype(dtype).astype(np.float32)
-    return feats, reasons
+                progress: bool = False, **settings) -> tuple[np.ndarray, list[str]]:
+    """``paths`` embedded once by an :class:`Embedder` of ``backbone`` with ``settings``."""
+    return Embedder(backbone, **settings)(paths, batch_size=batch_size, workers=workers, progress=progress)
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool, compile_: bool):

@@ -93,6 +93,7 @@ def report(cfg: DictConfig, done: ShardDone, run: JobRun | None) -> None:
               "weights_sha256": backbone.info.get("weights_sha256"), "weights": backbone.info.get("weights"),
               "image_size": backbone.info.get("input_size"), "pool": backbone.info.get("pool"),
               "batch_size": int(cfg.extract.batch_size), "workers": stats["workers"], "amp": stats["amp"],
+              "runtime": stats["runtime"],
               "device": stats["device"], "shard": done.shard_name, "dtype": meta["dtype"]}
     if run is None:
         return

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from .embedding import backbone_from_meta, embed_paths
+from .embedding import Embedder, backbone_from_meta
 from .errors import UserError
 from .fileio import file_sha256
 from .images import ImageDecodeError, load_rgb
@@ -132,11 +132,7 @@ def query_vector(cfg: DictConfig, emb, index_df: pd.DataFrame, meta: dict) -> tu
     except ImageDecodeError as exc:
         raise UserError(f"query={q} is not an image ({exc})") from None
     backbone = backbone_from_meta(meta)
-    vec, reasons = embed_paths(backbone, [str(path)], batch_size=1, workers=0,
-                               amp=meta.get("extract", {}).get("amp", "auto"),
-                               draft=meta.get("extract", {}).get("draft", True), dtype=meta.get("dtype"),
-                               runtime=meta.get("extract", {}).get("runtime", "torch"),
-                               request_rows=meta.get("extract", {}).get("request_rows"))
+    vec, reasons = Embedder.for_store(backbone, meta)([str(path)], batch_size=1, workers=0)
     if reasons[0]:
         raise UserError(f"query={q} is not an image ({reasons[0]})")
     return vec, str(path), None

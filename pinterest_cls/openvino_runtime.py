@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -152,6 +153,7 @@ class OpenVINORunner:
         self.out: dict[int, np.ndarray] = {}
         self.queue.set_callback(self._done)
         self.pad = np.zeros(self.shape, dtype=np.uint8)
+        self.lock = threading.Lock()
 
     def _done(self, request, k: int) -> None:
         self.out[k] = request.get_output_tensor(0).data.copy()
@@ -162,16 +164,17 @@ class OpenVINORunner:
             raise ValueError(f"expected uint8 batches of shape (B, {', '.join(map(str, self.shape[1:]))}), "
                              f"got {x.dtype} {tuple(x.shape)}")
         n = len(x)
-        self.out = {}
-        for k, lo in enumerate(range(0, n, self.rows)):
-            part = x[lo:lo + self.rows]
-            if len(part) < self.rows:
-                part = np.concatenate([part, self.pad[: self.rows - len(part)]])
-            self.queue.start_async({0: np.ascontiguousarray(part)}, k)
-        self.queue.wait_all()
-        if not self.out:
-            return np.zeros((0, self.compiled.outputs[0].get_partial_shape()[1].get_length()), dtype=np.float32)
-        return np.concatenate([self.out[k] for k in range(len(self.out))])[:n].astype(np.float32, copy=False)
+        with self.lock:  # one batch at a time (a server may call from several threads)
+            self.out = {}
+            for k, lo in enumerate(range(0, n, self.rows)):
+                part = x[lo:lo + self.rows]
+                if len(part) < self.rows:
+                    part = np.concatenate([part, self.pad[: self.rows - len(part)]])
+                self.queue.start_async({0: np.ascontiguousarray(part)}, k)
+            self.queue.wait_all()
+            if not self.out:
+                return np.zeros((0, self.compiled.outputs[0].get_partial_shape()[1].get_length()), np.float32)
+            return np.concatenate([self.out[k] for k in range(len(self.out))])[:n].astype(np.float32, copy=False)
 
     def describe(self) -> dict:
         return {"version": openvino_version(), "request_rows": self.rows, "streams": self.streams,

@@ -15,7 +15,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from .catalog import IMAGE_EXTENSIONS
-from .embedding import backbone_from_meta, embed_paths
+from .embedding import Embedder, backbone_from_meta
 from .errors import UserError
 from .estimators import class_scores
 from .tracking import _prepare_uri
@@ -37,14 +37,10 @@ class EndToEnd:
         self.workers = workers
         self.device = device
         self.backbone = backbone_from_meta(store_meta)
+        self.embedder = Embedder.for_store(self.backbone, store_meta, device)  # its runtime compiled once
 
     def predict_paths(self, paths: list[str], progress: bool = False) -> pd.DataFrame:
-        ex = self.meta.get("extract", {})
-        feats, reasons = embed_paths(self.backbone, paths, batch_size=self.batch_size, workers=self.workers,
-                                     device=self.device, amp=ex.get("amp", "auto"), draft=ex.get("draft", True),
-                                     progress=progress, max_pixels=ex.get("max_pixels"),
-                                     dtype=self.meta.get("dtype"), runtime=ex.get("runtime", "torch"),
-                                     request_rows=ex.get("request_rows"))
+        feats, reasons = self.embedder(paths, batch_size=self.batch_size, workers=self.workers, progress=progress)
         ok = np.array([not r for r in reasons], dtype=bool)
         frame = pd.DataFrame({"path": list(map(str, paths)), "prediction": None, "score": np.nan})
         classes = np.asarray(self.classifier.classes_)

@@ -107,7 +107,10 @@ def _params(cfg, splits, fitted, meta, folder, frame, categories, repin_info, ci
                                for s in cfg.preprocess.steps) or "none",
         "n_samples": len(frame), "n_test": int(sum(len(te) for _, te in splits.folds)), "n_classes": len(categories),
         "embeddings": str(folder), "embeddings_meta_sha256": file_sha256(folder / META),
-        "timm_id": meta.get("timm_id"), "seed": int(cfg.seed), "repins_keep_one": bool(cfg.repins.keep_one),
+        "timm_id": meta.get("timm_id"), "seed": int(cfg.seed),
+        # how the features were computed: extract.runtime and the precision used
+        "extract_runtime": meta.get("extract", {}).get("runtime", "torch"),
+        "extract_amp": meta.get("extract", {}).get("amp"), "repins_keep_one": bool(cfg.repins.keep_one),
         **repin_info,
         **estimator_params(fitted.search.best_estimator_),  # every setting of the model, searched or not
         **fitted.best_params,

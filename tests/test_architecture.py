@@ -14,8 +14,9 @@ LAYERS = {
     0: {"__init__", "errors", "fileio", "config", "cli", "demo", "images"},  # foundation
     1: {"catalog", "backbones", "gpu_decode", "data", "store", "neighbors", "duplicates", "evaluation", "plots",
         "tracking", "pages"},
-    2: {"embedding", "extraction", "splits", "estimators", "classifiers", "index", "serving", "pyfunc_model",
-        "auditing", "reporting", "finetuning", "finetuning.data", "finetuning.models", "finetuning.loop"},
+    2: {"embedding", "openvino_runtime", "extraction", "splits", "estimators", "classifiers", "index", "serving",
+        "pyfunc_model", "auditing", "reporting", "finetuning", "finetuning.data", "finetuning.models",
+        "finetuning.loop"},
     3: {"scan", "extract", "train", "report", "predict", "search", "cluster", "finetune", "status", "audit"},  # verbs
 }
 VERBS = LAYERS[3]

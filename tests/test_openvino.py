@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from pinterest_cls.backbones import build_backbone
-from pinterest_cls.embedding import backbone_from_meta, embed_paths
+from pinterest_cls.embedding import Embedder, backbone_from_meta, embed_paths
 from pinterest_cls.errors import UserError
 from pinterest_cls.extract import KILL_ENV, extract
 from pinterest_cls.store import open_embeddings
@@ -125,8 +125,7 @@ def test_openvino_store_resumes_bitwise_after_kill_and_refuses_the_torch_runtime
     assert meta["last_run"]["openvino"]["request_rows"] == 3
     # what predict and search do with a new image: embed it like the store's rows, bit for bit
     paths = list(index["path"][[0, 5, 17]])
-    again, reasons = embed_paths(backbone_from_meta(meta), paths, workers=0, amp=meta["extract"]["amp"],
-                                 runtime="openvino", request_rows=3, dtype=meta["dtype"])
+    again, reasons = Embedder.for_store(backbone_from_meta(meta), meta)(paths, workers=0)
     assert not any(reasons)
     assert again.tobytes() == np.asarray(emb[[0, 5, 17]], np.float32).tobytes()
 
@@ -176,3 +175,30 @@ def test_openvino_runs_on_the_cpu_only(tmp_path):
         extract(make_cfg("extract", [f"paths.work={tmp_path}", "extract.runtime=openvino", "extract.device=cuda",
                                      "mlflow.enabled=false"]), progress=False)
     assert not Path(tmp_path / "demo").exists()
+
+
+def test_predict_and_the_served_model_embed_with_the_stores_runtime(tmp_path, ov_cache):
+    import mlflow
+    import pandas as pd
+
+    from pinterest_cls.predict import predict
+    from pinterest_cls.train import train
+
+    work = tmp_path / "work"
+    tiny = [f"paths.work={work}", *TINY[:4]]
+    extract(make_cfg("extract", [*tiny, *TINY[4:], "extract.workers=0"]), progress=False)
+    result = train(make_cfg("train", [*tiny, "classifier=logreg", "classifier.grid.C=[10]", "split=stratified",
+                                      "train.n_jobs=1"]))
+    export = work / "demo" / "export"
+    frame = predict(make_cfg("predict", [f"paths.work={work}", f"run_id={result['run_id']}", f"inputs={export}",
+                                         f"predict.out={tmp_path / 'p.csv'}", "predict.workers=0"]))
+    run_preds = pd.read_csv(result["output_dir"] / "predictions.csv")  # the run's test predictions ...
+    merged = run_preds.merge(frame, on="path", suffixes=("_run", ""))
+    assert len(merged) == len(run_preds) > 20  # ... reproduced from the image files, through OpenVINO
+    assert (merged["prediction_run"] == merged["prediction"]).all()
+    mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
+    model_uri = f"runs:/{result['run_id']}/pipeline"
+    requirements = Path(mlflow.artifacts.download_artifacts(f"{model_uri}/requirements.txt")).read_text().split()
+    assert "openvino" in requirements
+    served = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"path": list(merged["path"][:6])}))
+    assert list(served["prediction"]) == list(merged["prediction"][:6])

@@ -11,6 +11,11 @@ pretrained weights cannot be downloaded here, which does not change its speed), 
       much of b/c comes from precision and how much from batching and the pipeline.
 Prints images/s and the ratios b/a and b/c, and (a) in fp32 vs bf16 autocast (what extract.amp=auto picks on
 this CPU). With --rss, the peak RSS of extract over 1,000 vs 10,000 images (efficientnet_lite0).
+
+With --openvino (``extract.runtime=openvino``, same precision): (a) and (b) again with the model compiled by
+OpenVINO, (b) with 1 and with the default number of DataLoader workers, and the ratios (b, OpenVINO) / (b, torch)
+and (b, OpenVINO) / (a, OpenVINO); and where a pin's time goes on the data path (one core: read, JPEG draft
+decode, resize + crop, collation), which bounds the pipeline once the model is fast.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ from PIL import Image
 
 from pinterest_cls.backbones import build_backbone
 from pinterest_cls.config import CONF_DIR
+from pinterest_cls.data import collate_pins
 from pinterest_cls.demo import synthetic_export
-from pinterest_cls.embedding import Runner, prepare_model, resolve_amp, resolve_device
+from pinterest_cls.embedding import Runner, amp_name, prepare_model, resolve_amp, resolve_device
 from pinterest_cls.extract import extract
+from pinterest_cls.images import load_rgb
 from pinterest_cls.scan import scan
 
 SIZE = (736, 1100)
@@ -45,9 +52,15 @@ def make_cfg(overrides):
         return compose("extract", overrides=overrides)
 
 
-def model_alone(backbone, paths, batch_size, amp, n_images, device, channels_last=True):
+def model_alone(backbone, paths, batch_size, amp, n_images, device, channels_last=True, runtime="torch"):
     """(a): images/s of the model on preloaded uint8 tensors (copied to the device per batch, as extract does)."""
-    runner = Runner(prepare_model(backbone.model, device, channels_last, False), device, amp, channels_last)
+    if runtime == "openvino":
+        from pinterest_cls.openvino_runtime import OpenVINORunner
+
+        size = backbone.info["input_size"]
+        runner = OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name)
+    else:
+        runner = Runner(prepare_model(backbone.model, device, channels_last, False), device, amp, channels_last)
     pool = torch.stack([backbone.transform(Image.open(p).convert("RGB")) for p in paths[:batch_size]])
     runner(pool[:2])  # warm-up
     done, t0 = 0, time.perf_counter()
@@ -69,6 +82,32 @@ def study_loop(backbone, paths, amp, out_csv: Path, device):
             vec = model(x).float().cpu().numpy()[0]
             f.write(",".join(f"{v:.6f}" for v in vec) + "\n")
     return len(paths) / (time.perf_counter() - t0)
+
+
+def data_path(backbone, paths, batch_size) -> dict:
+    """Milliseconds per pin on one core for each step of a worker's work, and the collation of a batch."""
+    torch.set_num_threads(1)
+    out, images, tensors = {}, [], []
+    t0 = time.perf_counter()
+    for p in paths:
+        with open(p, "rb") as f:
+            f.read()
+    out["read_ms"] = (time.perf_counter() - t0) / len(paths) * 1e3
+    t0 = time.perf_counter()
+    for p in paths:
+        images.append(load_rgb(p, min_size=backbone.resize_size))
+    out["draft_decode_ms"] = (time.perf_counter() - t0) / len(paths) * 1e3
+    t0 = time.perf_counter()
+    for im in images:
+        tensors.append(backbone.transform(im))
+    out["resize_crop_ms"] = (time.perf_counter() - t0) / len(paths) * 1e3
+    t0 = time.perf_counter()
+    for lo in range(0, len(tensors) - batch_size + 1, batch_size):
+        collate_pins([(i, x, "") for i, x in enumerate(tensors[lo:lo + batch_size])])
+    out["collate_ms"] = (time.perf_counter() - t0) / max(1, len(tensors) // batch_size * batch_size) * 1e3
+    torch.set_num_threads(os.cpu_count() or 1)
+    out["worker_ms"] = out["read_ms"] + out["draft_decode_ms"] + out["resize_crop_ms"]
+    return out
 
 
 RSS_WRAPPER = """
@@ -98,6 +137,8 @@ def main() -> None:
     ap.add_argument("--rss", action="store_true", help="also measure peak RSS over 1k vs 10k images")
     ap.add_argument("--rss-only", action="store_true", help="only the peak RSS measurement")
     ap.add_argument("--dir", default="/tmp/throughput_bench")
+    ap.add_argument("--openvino", action="store_true", help="also the OpenVINO runtime's rows")
+    ap.add_argument("--no-study", action="store_true", help="leave out (c), the study's one-at-a-time loop")
     args = ap.parse_args()
     base = Path(args.dir)
     export = synthetic_export(base / f"export{args.n}", args.n, SIZE)
@@ -122,17 +163,38 @@ def main() -> None:
         a_fp32 = model_alone(backbone, paths, args.batch_size, None, min(args.n, 512), device)
         meta = extract(cfg, progress=False)
         b = meta["last_run"]["images_per_s"]
-        c = study_loop(backbone, paths[: args.study_n], None, base / "study_vectors.csv", device)
-        c_amp = study_loop(backbone, paths[: args.study_n], amp, base / "study_vectors.csv", device)
-        rows.append(dict(backbone=name, amp=str(amp).replace("torch.", "") if amp else "off",
-                         workers=meta["last_run"]["workers"], a_model=a, b_pipeline=b, c_study=c,
-                         c_one_at_a_time_amp=c_amp, b_over_a=b / a, b_over_c=b / c, b_over_c_amp=b / c_amp,
-                         a_fp32=a_fp32, bf16_over_fp32=a / a_fp32,
-                         wait_s=meta["last_run"]["wait_s"], compute_s=meta["last_run"]["compute_s"]))
+        row = dict(backbone=name, amp=str(amp).replace("torch.", "") if amp else "off",
+                   workers=meta["last_run"]["workers"], a_model=a, b_pipeline=b)
+        if not args.no_study:
+            c = study_loop(backbone, paths[: args.study_n], None, base / "study_vectors.csv", device)
+            c_amp = study_loop(backbone, paths[: args.study_n], amp, base / "study_vectors.csv", device)
+            row.update(c_study=c, c_one_at_a_time_amp=c_amp, b_over_c=b / c, b_over_c_amp=b / c_amp)
+        row.update(b_over_a=b / a, a_fp32=a_fp32, bf16_over_fp32=a / a_fp32,
+                   wait_s=meta["last_run"]["wait_s"], compute_s=meta["last_run"]["compute_s"])
+        if args.openvino:
+            a_ov = model_alone(backbone, paths, args.batch_size, amp, min(args.n, 1024), device, runtime="openvino")
+            ov = [f"{o}" for o in overrides] + ["extract.runtime=openvino", "extract.device=cpu"]
+            ov_metas = {}
+            for workers in sorted({1, meta["last_run"]["workers"]}):
+                shutil.rmtree(work / export.name / "embeddings" / name, ignore_errors=True)
+                ov_metas[workers] = extract(make_cfg(ov + [f"extract.workers={workers}"]), progress=False)["last_run"]
+            best = max(ov_metas, key=lambda w: ov_metas[w]["images_per_s"])
+            b_ov = ov_metas[best]["images_per_s"]
+            row.update(a_openvino=a_ov, a_openvino_over_a=a_ov / a,
+                       **{f"b_openvino_{w}_workers": m["images_per_s"] for w, m in ov_metas.items()},
+                       b_openvino_over_b=b_ov / b, b_openvino_over_a_openvino=b_ov / a_ov,
+                       openvino_wait_s=ov_metas[best]["wait_s"], openvino_compute_s=ov_metas[best]["compute_s"],
+                       **data_path(backbone, paths[:256], args.batch_size))
+            # the most a pipeline can reach when the model and the workers share the same cores: each pin costs
+            # the model's core-time plus the workers' (read, decode, resize)
+            cores = len(os.sched_getaffinity(0))
+            row["b_openvino_bound"] = cores * 1e3 / (cores * 1e3 / a_ov + row["worker_ms"])
+            row["bound_over_a_openvino"] = row["b_openvino_bound"] / a_ov
+        rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     if rows:
         print()
-        print(pd.DataFrame(rows).set_index("backbone").round(3).to_string())
+        print(pd.DataFrame(rows).set_index("backbone").round(3).T.to_string())
     if args.rss or args.rss_only:
         big = synthetic_export(base / "export10000", 10000, SIZE)
         scan(make_cfg([f"paths.work={work}", f"data.root={big}", "mlflow.enabled=false"]), progress=False)
