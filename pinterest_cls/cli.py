@@ -232,7 +232,7 @@ def _remove_empty_job_folder() -> None:
         if all(p.name in ("multirun.yaml", ".mlflow_parent_run") for p in parent.iterdir()):
             shutil.rmtree(parent, ignore_errors=True)
             parent = parent.parent
-    for _ in range(3):  # hydra/<verb> (or <verb>-multirun), hydra/ and the work folder, each if left empty
+    for _ in range(2):  # hydra/<verb> (or <verb>-multirun) and hydra/, each if left empty
         try:
             parent.rmdir()
         except OSError:

@@ -225,20 +225,20 @@ def test_parallel_sweep_against_a_tracking_server(tmp_path, embedded, big_export
                   "--artifacts-destination", str(server_dir / "artifacts"), "--workers", "2"],
                  port, "/health", cwd=server_dir, timeout=180):
         uri = f"http://127.0.0.1:{port}"
-        proc = _train_sweep(embedded, big_export, "classifier=svm,knn,logreg,random_forest", "seed=0,1",
-                            "hydra.launcher.n_jobs=8", f"mlflow.tracking_uri={uri}", "train.log_pipeline=false",
+        proc = _train_sweep(embedded, big_export, "classifier=svm,knn,logreg,random_forest", "seed=0",
+                            "hydra.launcher.n_jobs=4", f"mlflow.tracking_uri={uri}", "train.log_pipeline=false",
                             cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         mlflow.set_tracking_uri(uri)
         every = mlflow.search_runs(experiment_names=["exp"], output_format="list")
         (parent,) = [r for r in every if r.data.tags["verb"] == "sweep"]  # the sweep's run, through the server
         runs = [r for r in every if r.data.tags["verb"] == "train"]
-        assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in every)
+        assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in every)
         assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
         assert sorted((r.data.tags["classifier"], r.data.params["seed"]) for r in runs) == \
-            sorted((c, s) for c in ("svm", "knn", "logreg", "random_forest") for s in ("0", "1"))
+            sorted((c, "0") for c in ("svm", "knn", "logreg", "random_forest"))
         # artifacts went through the server into its artifact folder, not into the client's work folder
-        assert len(list((server_dir / "artifacts").rglob("predictions.csv"))) == 8
+        assert len(list((server_dir / "artifacts").rglob("predictions.csv"))) == 4
         assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)
         loaded = mlflow.sklearn.load_model(f"runs:/{runs[0].info.run_id}/model")
         assert hasattr(loaded, "predict")

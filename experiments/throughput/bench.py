@@ -14,8 +14,9 @@ this CPU). With --rss, the peak RSS of extract over 1,000 vs 10,000 images (effi
 
 With --openvino (``extract.runtime=openvino``, same precision): (a) and (b) again with the model compiled by
 OpenVINO, (b) with 1 and with the default number of DataLoader workers, and the ratios (b, OpenVINO) / (b, torch)
-and (b, OpenVINO) / (a, OpenVINO); and where a pin's time goes on the data path (one core: read, JPEG draft
-decode, resize + crop, collation), which bounds the pipeline once the model is fast.
+and (b, OpenVINO) / (a, OpenVINO); (a) and (b) with the model on 1 thread and 1 worker; where a pin's time goes
+on the data path (one core: read, JPEG draft decode, resize + crop, collation), and the most a pipeline can reach
+when the model and the workers share the cores.
 """
 
 from __future__ import annotations
@@ -52,13 +53,14 @@ def make_cfg(overrides):
         return compose("extract", overrides=overrides)
 
 
-def model_alone(backbone, paths, batch_size, amp, n_images, device, channels_last=True, runtime="torch"):
+def model_alone(backbone, paths, batch_size, amp, n_images, device, channels_last=True, runtime="torch",
+                threads=None):
     """(a): images/s of the model on preloaded uint8 tensors (copied to the device per batch, as extract does)."""
     if runtime == "openvino":
         from pinterest_cls.openvino_runtime import OpenVINORunner
 
         size = backbone.info["input_size"]
-        runner = OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name)
+        runner = OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name, threads=threads)
     else:
         runner = Runner(prepare_model(backbone.model, device, channels_last, False), device, amp, channels_last)
     pool = torch.stack([backbone.transform(Image.open(p).convert("RGB")) for p in paths[:batch_size]])
@@ -179,6 +181,14 @@ def main() -> None:
                 shutil.rmtree(work / export.name / "embeddings" / name, ignore_errors=True)
                 ov_metas[workers] = extract(make_cfg(ov + [f"extract.workers={workers}"]), progress=False)["last_run"]
             best = max(ov_metas, key=lambda w: ov_metas[w]["images_per_s"])
+            # one core for the model, the other(s) for the workers: the pipeline then keeps up with its model,
+            # which is slower than with every core
+            a_ov1 = model_alone(backbone, paths, args.batch_size, amp, min(args.n, 256), device, runtime="openvino",
+                                threads=1)
+            shutil.rmtree(work / export.name / "embeddings" / name, ignore_errors=True)
+            b_ov1 = extract(make_cfg(ov + ["extract.workers=1", "extract.threads=1"]), progress=False)["last_run"]
+            row.update(a_openvino_1_thread=a_ov1, b_openvino_1_thread_1_worker=b_ov1["images_per_s"],
+                       b_over_a_openvino_1_thread=b_ov1["images_per_s"] / a_ov1)
             b_ov = ov_metas[best]["images_per_s"]
             row.update(a_openvino=a_ov, a_openvino_over_a=a_ov / a,
                        **{f"b_openvino_{w}_workers": m["images_per_s"] for w, m in ov_metas.items()},
