@@ -166,7 +166,9 @@ def make_runner(backbone, device: torch.device, amp: torch.dtype | None, runtime
     ``runtime="openvino"``, :class:`openvino_runtime.OpenVINORunner` with ``request_rows`` pins per request."""
     if runtime == "openvino":
         size = int(backbone.info["input_size"])
-        return OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name, request_rows or 16)
+        if request_rows is None:
+            raise ValueError("the OpenVINO runtime needs request_rows (extract.openvino.request_rows)")
+        return OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name, request_rows)
     return Runner(prepare_model(backbone.model, device, channels_last, compile_), device, amp, channels_last,
                   micro_batch)
 

@@ -179,7 +179,7 @@ class RunSettings:
 def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
     """``extract.*`` checked, each bad value a one-line error naming its key; sets ``extract.threads``."""
     ecfg = cfg.extract
-    runtime = check_runtime(str(config.select(cfg, "extract.runtime") or "torch"))
+    runtime = check_runtime(str(config.select(cfg, "extract.runtime")))
     device = runtime_device(runtime, str(ecfg.device))
     batch_size = int(ecfg.batch_size)
     if batch_size < 1:
@@ -193,7 +193,7 @@ def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
         raise UserError(f"extract.decode={decode!r} must be cpu (workers decode) or gpu (nvJPEG on the device)")
     request_rows = None
     if runtime == "openvino":
-        request_rows = int(config.select(cfg, "extract.openvino.request_rows") or 16)
+        request_rows = int(config.select(cfg, "extract.openvino.request_rows"))
         if request_rows < 1:
             raise UserError(f"extract.openvino.request_rows={request_rows} must be >= 1")
         if bool(ecfg.compile):
@@ -235,7 +235,7 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
     rows are written and before they are committed: where a test injects a crash. ``on_start(names)`` is called
     with the backbones that have work to do, once their stores are open and before the first pin is decoded."""
     # a runtime that cannot run here fails before the export is scanned
-    runtime_device(check_runtime(str(config.select(cfg, "extract.runtime") or "torch")), str(cfg.extract.device))
+    runtime_device(check_runtime(str(config.select(cfg, "extract.runtime"))), str(cfg.extract.device))
     _, ok = ok_rows(cfg)
     threads = torch.get_num_threads()  # extract.threads holds for this run only, not for the caller after it
     try:

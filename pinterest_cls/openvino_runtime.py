@@ -126,7 +126,7 @@ class OpenVINORunner:
     micro_batch = None  # the request shape plays its part
 
     def __init__(self, model: torch.nn.Module, input_size: tuple[int, int], precision: str, name: str,
-                 request_rows: int = 16, threads: int | None = None):
+                 request_rows: int, threads: int | None = None):
         ov = import_openvino()
         if int(request_rows) < 1:
             raise UserError(f"extract.openvino.request_rows={request_rows} must be >= 1")

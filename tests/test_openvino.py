@@ -21,7 +21,7 @@ from .conftest import make_cfg, make_pinterest_export, run_verb
 
 pytest.importorskip("openvino")
 
-from pinterest_cls.openvino_runtime import OpenVINORunner  # noqa: E402
+from pinterest_cls.openvino_runtime import OpenVINORunner, _precision_name  # noqa: E402
 
 TINY = ["backbone=timm", "backbone.model=test_efficientnet", "backbone.pretrained=false",
         "backbone.image_size=64", "extract.batch_size=8", "mlflow.enabled=false", "extract.runtime=openvino",
@@ -63,10 +63,12 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_openvino_features_match_torch_fp32_on_real_photos_with_real_weights(photos, lite0):
     torch_fp32, reasons = embed_paths(lite0, photos, batch_size=16, workers=0, amp="fp32")
     assert not any(reasons) and np.abs(torch_fp32).sum(1).min() > 0
-    ov_fp32, _ = embed_paths(lite0, photos, batch_size=16, workers=0, amp="fp32", runtime="openvino")
+    ov_fp32, _ = embed_paths(lite0, photos, batch_size=16, workers=0, amp="fp32", runtime="openvino",
+                             request_rows=16)
     assert cosines(torch_fp32, ov_fp32).min() >= 0.999
     # bf16 (extract.amp=auto on a CPU with native bf16) moves the features as much as torch's bf16 does, no more
-    ov_bf16, _ = embed_paths(lite0, photos, batch_size=16, workers=0, amp="bf16", runtime="openvino")
+    ov_bf16, _ = embed_paths(lite0, photos, batch_size=16, workers=0, amp="bf16", runtime="openvino",
+                             request_rows=16)
     torch_bf16, _ = embed_paths(lite0, photos, batch_size=16, workers=0, amp="bf16")
     assert cosines(torch_fp32, ov_bf16).min() >= min(0.99, cosines(torch_fp32, torch_bf16).min() - 0.002)
     assert not np.array_equal(ov_fp32, ov_bf16)  # the precision asked for is the precision run
@@ -155,7 +157,19 @@ def test_a_model_openvino_cannot_convert_is_named():
             return x.float().mean((2, 3)) if x.float().mean() > 100 else x.float().amax((2, 3))
 
     with pytest.raises(UserError, match=r"^OpenVINO cannot convert backbone odd_model \(.*use extract.runtime=torch"):
-        OpenVINORunner(DataDependent(), (8, 8), "fp32", "odd_model")
+        OpenVINORunner(DataDependent(), (8, 8), "fp32", "odd_model", request_rows=2)
+
+
+def test_a_precision_the_cpu_does_not_run_is_refused_never_changed():
+    torch.manual_seed(0)
+    model = build_backbone(OmegaConf.create({"name": "t", "kind": "timm", "model": "test_efficientnet",
+                                             "pretrained": False, "image_size": 64})).model
+    try:  # OpenVINO's CPU plugin runs f16 only where the CPU has it (AMX-FP16); elsewhere it would pick bf16
+        runner = OpenVINORunner(model, (64, 64), "fp16", "t", request_rows=4)
+    except UserError as exc:
+        assert str(exc).startswith("OpenVINO runs t in ") and "not the fp16 asked for" in str(exc)
+    else:
+        assert _precision_name(str(runner.compiled.get_property("INFERENCE_PRECISION_HINT"))) == "f16"
 
 
 def test_without_openvino_installed_the_runtime_is_a_one_line_error(tmp_path):

@@ -60,7 +60,8 @@ def model_alone(backbone, paths, batch_size, amp, n_images, device, channels_las
         from pinterest_cls.openvino_runtime import OpenVINORunner
 
         size = backbone.info["input_size"]
-        runner = OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name, threads=threads)
+        runner = OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name, request_rows=16,
+                                threads=threads)
     else:
         runner = Runner(prepare_model(backbone.model, device, channels_last, False), device, amp, channels_last)
     pool = torch.stack([backbone.transform(Image.open(p).convert("RGB")) for p in paths[:batch_size]])
