@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import threading
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import config
 from .backbones import build_backbone
-from .catalog import MANIFEST, format_report, load_manifest, scan_export
+from .catalog import MANIFEST, SCAN_REPORT, format_report, load_manifest, scan_export
 from .data import PinDataset, default_workers, make_loader
 from .embedding import Runner, amp_name, library_versions, make_runner, resolve_amp, runtime_device
 from .errors import UserError
@@ -40,11 +41,26 @@ def ok_rows(cfg: DictConfig):
             log.info(f"No manifest in {out}: scanning first.")
             report = scan_export(cfg)
             print(format_report(report, out), flush=True)
+    _check_scanned_root(cfg, out)
     manifest = load_manifest(out)
     ok = manifest[manifest["status"] == "ok"].reset_index(drop=True)
     if ok.empty:
         raise UserError(f"the manifest {out / MANIFEST} has no ok pins to embed; see scan_report.json")
     return manifest, ok
+
+
+def _check_scanned_root(cfg: DictConfig, out: Path) -> None:
+    """The manifest in ``out`` must be the scan of ``data.root``: another export under the same ``data.name``
+    would otherwise be embedded as the old one's pins and categories."""
+    report = out / SCAN_REPORT
+    if config.select(cfg, "data.root") in (None, "") or not report.is_file():
+        return
+    scanned = json.loads(report.read_text()).get("root")
+    root = config.data_root(cfg)
+    if scanned and Path(scanned) != root:
+        raise UserError(f"{out / MANIFEST} is the scan of {scanned}, not of data.root={root}; scan this export "
+                        f"first (python -m pinterest_cls.scan data.root={root} data.name=...), under a "
+                        "data.name of its own, or with the same data.name to replace the old scan")
 
 
 def backbone_configs(cfg: DictConfig) -> list[DictConfig]:

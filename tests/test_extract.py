@@ -152,6 +152,22 @@ def test_refuses_a_store_made_with_other_settings(tmp_path, export):
     assert meta["complete"] and meta["fingerprint"]["input_size"] == 72
 
 
+def test_another_export_under_the_same_data_name_is_not_embedded_as_the_scanned_one(tmp_path, export):
+    work = tmp_path / "w"
+    extract(cfg_for(work, export), progress=False)  # data.name: the root folder's name, "exp"
+    other = make_pinterest_export(tmp_path / "elsewhere" / "exp", {("cy", "b9"): "birds"}, pins_per_board=4)
+    before = store_of(work)[0].copy()
+    with pytest.raises(UserError, match=rf"manifest.parquet is the scan of {export}, not of data.root={other}; "
+                                        r"scan this export first"):
+        extract(cfg_for(work, other), progress=False)
+    assert store_of(work)[0].tobytes() == before.tobytes()
+    from pinterest_cls.scan import scan
+
+    scan(cfg_for(work, other), progress=False)  # its own scan replaces the old one: then it is embedded
+    meta = extract(cfg_for(work, other, "extract.overwrite=true"), progress=False)
+    assert meta["complete"] and meta["rows"] == 4
+
+
 def test_cli_errors_and_mlflow_run(tmp_path, export):
     proc = run_verb("extract", f"paths.work={tmp_path}", "backbone=resnet_nope", cwd=tmp_path)
     assert proc.returncode == 2

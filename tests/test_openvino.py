@@ -28,10 +28,16 @@ TINY = ["backbone=timm", "backbone.model=test_efficientnet", "backbone.pretraine
         "extract.openvino.request_rows=3"]
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache for this module's tests (each model is converted once), never the user's ~/.cache."""
+    return tmp_path_factory.mktemp("ov_cache")
+
+
 @pytest.fixture(autouse=True)
-def ov_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PINTEREST_CLS_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def ov_cache(shared_cache, monkeypatch):
+    monkeypatch.setenv("PINTEREST_CLS_CACHE", str(shared_cache))
+    return shared_cache
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +105,9 @@ def test_a_classifier_trained_on_torch_features_scores_the_same_on_openvino_feat
     assert abs(right_torch - right_ov) / len(y) <= 0.01
 
 
-def test_openvino_store_resumes_bitwise_after_kill_and_refuses_the_torch_runtime(tmp_path, ov_cache):
+def test_openvino_store_resumes_bitwise_after_kill_and_refuses_the_torch_runtime(tmp_path, monkeypatch):
+    ov_cache = tmp_path / "own_cache"  # empty: the reference run converts, the killed run reads the cache
+    monkeypatch.setenv("PINTEREST_CLS_CACHE", str(ov_cache))
     export = make_pinterest_export(tmp_path / "exp", {("ann", "b1"): "cats", ("bob", "b2"): "dogs"},
                                    pins_per_board=12, size=(120, 160))
     args = [f"data.root={export}", *TINY, "extract.workers=2", "extract.commit_every=1"]
@@ -132,7 +140,9 @@ def test_openvino_store_resumes_bitwise_after_kill_and_refuses_the_torch_runtime
     assert again.tobytes() == np.asarray(emb[[0, 5, 17]], np.float32).tobytes()
 
 
-def test_the_converted_model_is_cached_by_its_weights(ov_cache):
+def test_the_converted_model_is_cached_by_its_weights(tmp_path, monkeypatch):
+    ov_cache = tmp_path / "own_cache"  # empty: the test counts its entries
+    monkeypatch.setenv("PINTEREST_CLS_CACHE", str(ov_cache))
     cfg = OmegaConf.create({"name": "t", "kind": "timm", "model": "test_efficientnet", "pretrained": False,
                             "image_size": 64})
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ import re
 
 import mlflow
 import pandas as pd
+import pytest
 from omegaconf import OmegaConf
 
 from pinterest_cls.backbones import STUDY_BACKBONES, timm_model_of
@@ -34,6 +35,7 @@ def test_paper_grid_config_for_every_verb():
     assert tiny.mlflow.experiment == "demo-paper_grid_tiny"
 
 
+@pytest.mark.slow  # a 12-job CLI sweep (about 85 s): run with the slurm tests, after the main suite
 def test_paper_grid_tiny_end_to_end_on_the_demo(tmp_path):
     work = tmp_path / "work"
     e = ["+experiment=paper_grid_tiny", f"paths.work={work}"]

@@ -94,6 +94,7 @@ def test_backbones_list_errors(tmp_path, big_export):
     assert proc.returncode == 2 and "model" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # parallel launcher jobs (about 55 s): run with the slurm tests, after the main suite
 def test_sharded_multirun_under_joblib_is_bitwise_a_single_run(tmp_path, big_export):
     # on CPU the features' last bits depend on the thread count: the same for the single run and each shard
     args = [f"data.root={big_export}", "backbone=test_efficientnet", *COMMON, "extract.workers=1",

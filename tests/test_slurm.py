@@ -63,11 +63,12 @@ def reference(tmp_path_factory, export):
     return work
 
 
-def _verb(verb: str, *args: str, slurm: dict, cwd: Path, env: dict | None = None, wait: bool = True):
+def _verb(verb: str, *args: str, slurm: dict, cwd: Path, env: dict | None = None, wait: bool = True,
+          timeout: float = 600):
     cmd = [sys.executable, "-m", f"pinterest_cls.{verb}", *args]
     full = dict(os.environ, PYTHONUNBUFFERED="1", **slurm, **(env or {}))
     if wait:
-        return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=600)
+        return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
     return subprocess.Popen(cmd, cwd=cwd, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -153,12 +154,17 @@ def test_a_requeued_shard_commits_resumes_and_recomputes_no_committed_row(slurm,
 
 
 def test_a_job_at_its_time_limit_is_resubmitted_and_finishes(slurm, export, reference, tmp_path):
-    """submitit asks SLURM for SIGUSR2 30 s before the 1-minute limit; extract commits, submitit requeues the
-    job (up to max_num_timeout times), and the next attempt resumes."""
+    """submitit asks SLURM for SIGUSR2 30 s before the 2-minute limit; extract commits, submitit requeues the
+    job (up to max_num_timeout times), and the next attempt resumes.
+
+    SLURM may send the signal up to 60 s earlier than asked (sbatch --signal): with a 1-minute limit it once came
+    2 s after the start, before submitit had installed its handler, and killed the job. A 2-minute limit puts the
+    earliest signal at 30 s, after start-up; 5 s per batch (95 s in all) makes sure at least one attempt stops,
+    and up to 6 requeues cover signals that all come early."""
     work = tmp_path / "work"
     proc = _verb("extract", "-m", f"paths.work={work}", f"data.root={export}", *EXTRACT, *JOBS,
-                 "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=3",
-                 "mlflow.enabled=false", slurm=slurm, cwd=tmp_path, env={DELAY_ENV: "1.0"})
+                 "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=6",
+                 "mlflow.enabled=false", slurm=slurm, cwd=tmp_path, env={DELAY_ENV: "5.0"}, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     _assert_same_store(work, reference)
     (job,) = _job_folders(work, array=False)
