@@ -11,31 +11,23 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import config
-from .cli import verb_main
-from .errors import UserError
-from .evaluation import fold_mean, metric_key
-from .finetuning.data import load_source, split_indices
-from .finetuning.loop import fit_folds
-from .finetuning.models import model_name
-from .plots import confusion_plot, curves_plot
-from .tracking import mlflow_run
+from pinterest_cls.core import config
+from pinterest_cls.core.cli import verb_main
+from pinterest_cls.core.errors import UserError
+from pinterest_cls.finetuning.inputs import split_indices
+from pinterest_cls.finetuning.loop import fit_folds, run_params
+from pinterest_cls.finetuning.models import model_name
+from pinterest_cls.finetuning.sources import load_source
+from pinterest_cls.learn.metrics import fold_mean, metric_key
+from pinterest_cls.track.plots import confusion_plot, curves_plot
+from pinterest_cls.track.tracking import log_curves, mlflow_run
 
 log = logging.getLogger(__name__)
 
-# --- data ----------------------------------------------------------------------------------------------------
-
-
-# --- transforms and datasets ---------------------------------------------------------------------------------
-
-
-# --- models --------------------------------------------------------------------------------------------------
-
-
-# --- training ------------------------------------------------------------------------------------------------
-
 
 def finetune(cfg: DictConfig) -> dict:
+    """Train the model of ``model`` on ``data`` under ``split``; returns {"metrics", "params", "histories",
+    "output_dir", "run_id"}."""
     t0 = time.perf_counter()
     task = str(cfg.task)
     if task not in ("classification", "regression"):
@@ -62,7 +54,7 @@ def finetune(cfg: DictConfig) -> dict:
         metrics["elapsed_s"] = elapsed
         if run.info.get("grad_scale") is not None:  # fp16: the GradScaler's final loss scale
             metrics["grad_scale"] = float(run.info["grad_scale"])
-        params = _params(cfg, folds, run.info, look_at_test)
+        params = run_params(cfg, folds, run.info, look_at_test)
         shown = ("test_accuracy", "test_f1_macro", "test_mse", "test_mae") if look_at_test else (
             "best_val_accuracy", "best_val_mae", "best_val_loss")
         summary = ", ".join(f"{k} {metrics[k]:.4f}" + (f" ± {metrics[k + '_std']:.4f}" if k + "_std" in metrics else "")
@@ -74,41 +66,12 @@ def finetune(cfg: DictConfig) -> dict:
         if task == "classification" and look_at_test:
             recalls = {c: metrics.get(f"test_recall_{metric_key(c)}") for c in src.classes}
             log.info("  recall per class: " + ", ".join(f"{c} {v:.3f}" for c, v in recalls.items() if v is not None))
-        _log_run(tracked, params, metrics, run.histories, out)
+        plots = [f for f in ("curves.png", "confusion_matrix.png") if (out / f).exists()]
+        tracked.log(params=params, metrics=metrics, then=lambda: log_curves(run.histories),
+                    artifacts={**{out / f: "plots" for f in plots},
+                               **{ckpt: "checkpoints" for ckpt in sorted(out.glob("*_best.pt"))}})
     return {"metrics": metrics, "params": params, "histories": run.histories, "output_dir": out,
             "run_id": tracked.run_id}
-
-
-def _params(cfg: DictConfig, folds, info: dict, look_at_test: bool) -> dict:
-    return {"model": model_name(cfg), "pretrained": bool(cfg.model.pretrained),
-            "weights": info.get("weights"), "task": str(cfg.task), "epochs": int(cfg.epochs),
-            "batch_size": int(cfg.batch_size), "lr": float(cfg.optim.lr), "augment": str(cfg.augment),
-            "label_smoothing": float(cfg.optim.label_smoothing), "linear_probe_epochs": int(cfg.linear_probe_epochs),
-            "split": str(cfg.split.mode), "folds": len(folds), "seed": int(cfg.seed), "data": str(cfg.data.name),
-            "n_train": int(len(folds[0][0])), "n_test": int(np.sum([len(f[2][2]) for f in folds])),
-            "device": info.get("device"), "amp": info.get("amp"), "channels_last": str(cfg.channels_last),
-            "weight_decay": float(cfg.optim.weight_decay), "evaluate_test": look_at_test}
-
-
-def _log_run(tracked, params: dict, metrics: dict, histories: list, out) -> None:
-    """Into the job's MLflow run: params, per-epoch curves (per fold under k-fold), metrics, plots and
-    checkpoints."""
-    with tracked.logging() as active:
-        if not active:
-            return
-        import mlflow
-
-        mlflow.log_params(params)
-        for f, h in enumerate(histories):
-            prefix = f"fold{f + 1}_" if len(histories) > 1 else ""
-            for r in h:
-                mlflow.log_metrics({prefix + k: v for k, v in r.items() if k != "epoch"}, step=r["epoch"])
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(out / "curves.png"), "plots")
-        if (out / "confusion_matrix.png").exists():
-            mlflow.log_artifact(str(out / "confusion_matrix.png"), "plots")
-        for ckpt in sorted(out.glob("*_best.pt")):
-            mlflow.log_artifact(str(ckpt), "checkpoints")
 
 
 @verb_main("finetune")

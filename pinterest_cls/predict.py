@@ -15,38 +15,36 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
-from . import config
-from .cli import verb_main
-from .errors import UserError
-from .serving import EndToEnd, PinterestPyfuncModel, collect_inputs, load_run  # noqa: F401 (models logged before the serving module refer to pinterest_cls.predict.PinterestPyfuncModel)
+from pinterest_cls.core import config
+from pinterest_cls.core.cli import verb_main
+from pinterest_cls.core.errors import UserError
+from pinterest_cls.serving.end_to_end import EndToEnd, collect_inputs
+from pinterest_cls.serving.model_io import load_run
 
 log = logging.getLogger(__name__)
 
-# --- MLflow ----------------------------------------------------------------------------------------------
-
-
-# --- the verb --------------------------------------------------------------------------------------------
-
 
 def predict(cfg: DictConfig) -> pd.DataFrame:
+    """Classify ``inputs`` with the train run ``run_id``; writes and returns ``predictions.csv``."""
     if not cfg.run_id:
         raise UserError("give run_id=<MLflow run id of a train run> (see `mlflow ui` or the report's runs.csv)")
     if not cfg.inputs:
         raise UserError("give inputs=<folder | list.txt | export | image>")
-    classifier, meta = load_run(cfg, str(cfg.run_id))
+    classifier, meta = load_run(str(cfg.mlflow.tracking_uri), str(cfg.run_id))
     paths = collect_inputs(str(cfg.inputs))
     if not paths:
         raise UserError(f"inputs={cfg.inputs} holds no images")
-    model = EndToEnd(classifier, meta, top_k=int(cfg.predict.top_k), batch_size=int(cfg.predict.batch_size),
-                     workers=cfg.predict.workers, device=str(cfg.predict.device))
+    p = cfg.predict
+    model = EndToEnd(classifier, meta, top_k=int(p.top_k), batch_size=int(p.batch_size), workers=p.workers,
+                     device=str(p.device))
     frame = model.predict_paths(paths, progress=True)
-    out = Path(cfg.predict.out) if cfg.predict.out else config.job_output_dir() / "predictions.csv"
+    out = Path(p.out) if p.out else config.job_output_dir() / "predictions.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
-    counts = frame["prediction"].value_counts()
-    log.info(f"predicted {int((frame.status == 'ok').sum())} of {len(frame)} images with run {cfg.run_id} "
-          f"({meta['backbone']} + {type(classifier[-1]).__name__}); {int((frame.status != 'ok').sum())} failed")
-    for cat, n in counts.items():
+    failed = int((frame.status != "ok").sum())
+    log.info(f"predicted {len(frame) - failed} of {len(frame)} images with run {cfg.run_id} "
+             f"({meta.backbone} + {type(classifier[-1]).__name__}); {failed} failed")
+    for cat, n in frame["prediction"].value_counts().items():
         print(f"  {n:6d}  {cat}")
     log.info(f"wrote {out}")
     return frame

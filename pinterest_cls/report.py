@@ -4,196 +4,36 @@ Markdown, heatmap PNGs and an HTML page (the study's results table, regenerated 
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from . import config
-from .cli import verb_main
-from .errors import UserError
-from .evaluation import protocol_settings, protocol_without_rows, repins_settings, resolve_split_name
-from .plots import heatmap_plot
-from .reporting import per_class_f1, run_url, write_report_page
-from .tracking import experiment_id, mlflow_run
+from pinterest_cls.analysis.tables import build_report, write_report
+from pinterest_cls.core import config
+from pinterest_cls.core.cli import verb_main
+from pinterest_cls.track.tracking import mlflow_run
 
 log = logging.getLogger(__name__)
 
 
-def train_runs(cfg: DictConfig) -> pd.DataFrame:
-    """Finished ``train`` runs of experiment ``mlflow.experiment``: one row per run."""
-    import mlflow
-
-    exp = experiment_id(cfg)
-    runs = mlflow.search_runs(experiment_ids=[exp], filter_string="tags.verb = 'train' and status = 'FINISHED'",
-                              output_format="pandas")
-    return runs
-
-
-NO_PROTOCOL = "(not recorded: a run from before protocols were logged)"
-
-
-def default_protocol_settings(cfg: DictConfig) -> str:
-    """The protocol settings of a ``train`` run with default settings on this data (``report.protocol=default``)."""
-    layout = str(cfg.data.layout)
-    tcfg = config.compose("train", [f"data.layout={layout}"])
-    split = OmegaConf.merge(tcfg.split, {"name": resolve_split_name(str(tcfg.split.name), layout)})
-    return protocol_settings(split, tcfg.sampling.max_per_category, int(tcfg.sampling.seed),
-                             "by board" if layout == "pinterest" else "by pin",
-                             repins_settings(str(tcfg.repins.mode), tcfg.repins.threshold,
-                                             bool(tcfg.repins.keep_one)))
-
-
-def choose_protocol(cfg: DictConfig, runs: pd.DataFrame) -> tuple[str, pd.DataFrame, pd.Series]:
-    """(protocol, its runs, counts of the runs of every other protocol). ``report.protocol=default``: the
-    default settings on the rows of the newest such run; else the protocol given (as printed or in runs.csv)."""
-    runs = runs.copy()
-    col = "params.protocol"
-    runs[col] = runs[col].fillna(NO_PROTOCOL) if col in runs.columns else NO_PROTOCOL
-    wanted = str(config.select(cfg, "report.protocol"))
-    counts = runs[col].value_counts()
-    listing = "; ".join(f"'{p}' ({n} runs)" for p, n in counts.items())
-    if wanted == "default":
-        settings = default_protocol_settings(cfg)
-        ours = runs[runs[col].map(protocol_without_rows) == settings]
-        if ours.empty:
-            raise UserError(f"no train run used the default protocol ({settings}); the runs used: {listing}. "
-                            "Choose one with report.protocol='<protocol>'")
-        wanted = str(ours.sort_values("start_time").iloc[-1][col])
-    elif wanted not in counts.index:
-        raise UserError(f"report.protocol='{wanted}' matches no train run; the runs used: {listing}")
-    return wanted, runs[runs[col] == wanted], counts.drop(wanted)
-
-
-def best_per_cell(runs: pd.DataFrame, select_by: str) -> pd.DataFrame:
-    """For each (backbone, classifier), the run with the highest ``select_by`` metric (latest on ties)."""
-    col = f"metrics.{select_by}"
-    if col not in runs.columns:
-        raise UserError(f"report.select_by={select_by!r}: no train run has that metric "
-                        f"(they have: {', '.join(sorted(c[8:] for c in runs.columns if c.startswith('metrics.')))})")
-    runs = runs.sort_values([col, "start_time"], ascending=[False, False], na_position="last")
-    best = runs.groupby(["params.backbone", "params.classifier"], sort=True).head(1)
-    def metric(name):
-        return best[f"metrics.{name}"] if f"metrics.{name}" in best.columns else np.nan
-
-    out = pd.DataFrame({
-        "backbone": best["params.backbone"], "classifier": best["params.classifier"],
-        "test_f1_macro": best["metrics.test_f1_macro"], "test_accuracy": best["metrics.test_accuracy"],
-        **{f"{m}_ci_{side}": metric(f"{m}_ci_{side}") for m in ("test_f1_macro", "test_accuracy")
-           for side in ("low", "high")},
-        select_by: best[col], "split": best.get("params.split"), "run_id": best["run_id"],
-        "protocol": best.get("params.protocol"), "inner_cv": best.get("params.inner_cv"),
-    })
-    return out.sort_values(["backbone", "classifier"]).reset_index(drop=True)
-
-
-def with_intervals(best: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Backbone x classifier cells as text: ``0.9123 [0.8810, 0.9402]`` (the interval where the run has one)."""
-    def cell(row):
-        low, high = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
-        value = f"{row[metric]:.4f}"
-        return value + (f" [{low:.4f}, {high:.4f}]" if pd.notna(low) and pd.notna(high) else "")
-
-    text = best.assign(cell=best.apply(cell, axis=1)).pivot(index="backbone", columns="classifier", values="cell")
-    text.columns.name = None
-    return text.fillna("")
-
-
-def to_markdown(table: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
-    cols = [str(c) for c in table.columns]
-    lines = ["| " + " | ".join([table.index.name or ""] + cols) + " |",
-             "|" + "---|" * (len(cols) + 1)]
-    for idx, row in table.iterrows():
-        cells = [floatfmt.format(v) if isinstance(v, (float, np.floating)) and np.isfinite(v)
-                 else ("" if isinstance(v, float) else str(v)) for v in row]
-        lines.append("| " + " | ".join([str(idx)] + cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def report(cfg: DictConfig) -> dict:
-    runs = train_runs(cfg)
-    if runs.empty:
-        raise UserError(f"no finished train runs in MLflow experiment {cfg.mlflow.experiment!r} at "
-                        f"{cfg.mlflow.tracking_uri}; run python -m pinterest_cls.train first")
-    chosen, mine, others = choose_protocol(cfg, runs)
-    select_by = str(cfg.report.select_by)
-    best = best_per_cell(mine, select_by)
-    # report/ for the dataset's own experiment, report/<experiment>/ for another (e.g. demo-paper_grid)
+    """Write the report of experiment ``mlflow.experiment`` (``report/`` for the dataset's own experiment,
+    ``report/<experiment>/`` for another, e.g. demo-paper_grid); returns its tables, folder and page."""
+    rep = build_report(cfg)
     experiment = str(cfg.mlflow.experiment)
-    out = config.report_dir(cfg)
-    if experiment != str(cfg.data.name):
-        out = out / experiment
-    out.mkdir(parents=True, exist_ok=True)
+    out = config.report_dir(cfg) / ("" if experiment == str(cfg.data.name) else experiment)
     with mlflow_run(cfg, f"report-{experiment}", "report") as run:
-        best.to_csv(out / "runs.csv", index=False)
-        tables, cells = {}, {}
-        for metric in ("test_f1_macro", "test_accuracy"):
-            t = best.pivot(index="backbone", columns="classifier", values=metric)
-            t.columns.name = None
-            tables[metric] = t
-            t.to_csv(out / f"{metric}.csv")
-            cells[metric] = with_intervals(best, metric)
-            heatmap_plot(t, out / f"{metric}.png", title=f"{cfg.data.name}: {metric}, 95% bootstrap interval (best "
-                                                           f"run per cell by {select_by})\n{chosen}",
-                         labels=cells[metric], xlabel="classifier", ylabel="backbone")
-        note = (f"{int(others.sum())} runs of other protocols are not shown: "
-                + "; ".join(f"'{p}' ({n})" for p, n in others.items()) + ". Choose one with report.protocol='...'."
-                if len(others) else "")
-        md = [f"# {cfg.data.name}: backbone x classifier\n\n",
-              f"Protocol: `{chosen}`.\n\n",
-              f"Best run per cell by `{select_by}` among the {len(mine)} train runs of this protocol.\n"]
-        if note:
-            md.append(f"\n{note}\n")
-        for metric, t in cells.items():
-            md += [f"\n## {metric} [95% bootstrap interval]\n\n", to_markdown(t)]
-        (out / "report.md").write_text("".join(md))
-        page = _page(cfg, out, runs, best, cells, chosen, note, select_by)
-        log.info(f"protocol: {chosen} ({len(mine)} runs)")
-        if note:
-            log.info(note)
-        for metric, t in tables.items():
-            log.info(f"\n{metric} (rows: backbone, columns: classifier; best run per cell by {select_by})\n"
-                     + t.to_string(float_format=lambda v: f"{v:.4f}"))
+        page = write_report(cfg, rep, out)
+        log.info(f"protocol: {rep.protocol} ({len(rep.mine)} runs)")
+        if rep.note:
+            log.info(rep.note)
+        for metric, table in rep.tables.items():
+            log.info(f"\n{metric} (rows: backbone, columns: classifier; best run per cell by {rep.select_by})\n"
+                     + table.to_string(float_format=lambda v: f"{v:.4f}"))
         log.info(f"\nwrote {out}/report.md, report.html, runs.csv, test_f1_macro.csv|png, test_accuracy.csv|png")
-        with run.logging() as active:
-            if active:
-                import mlflow
-
-                mlflow.log_params({"protocol": chosen, "select_by": select_by, "runs": len(mine),
-                                   "cells": len(best)})
-                mlflow.log_artifacts(str(out), "report")
-    return {"best": best, "tables": tables, "dir": out, "protocol": chosen, "other_protocols": others,
-            "page": page, "run_id": run.run_id}
-
-
-def _page(cfg: DictConfig, out: Path, runs: pd.DataFrame, best: pd.DataFrame, cells: dict, chosen: str, note: str,
-          select_by: str) -> Path:
-    """report.html: the tables with links to the runs, the heatmaps, per-class F1 and the best run's mistakes."""
-    exp = experiment_id(cfg)
-    uri = str(cfg.mlflow.tracking_uri)
-    ui = uri if uri.startswith(("http://", "https://")) else str(config.select(cfg, "report.mlflow_ui"))
-    links = best.assign(url=[run_url(ui, exp, r) for r in best["run_id"]]).pivot(
-        index="backbone", columns="classifier", values="url")
-    top = best.sort_values(select_by, ascending=False).iloc[0]
-    gallery = _predictions(str(top["run_id"]))
-    return write_report_page(out, f"{cfg.data.name}: backbone x classifier", chosen, note, cells, links,
-                             {m: f"{m}.png" for m in cells}, per_class_f1(runs, best, select_by), gallery,
-                             f"{top['backbone']}-{top['classifier']} ({top['run_id']})",
-                             int(config.select(cfg, "report.gallery")))
-
-
-def _predictions(run_id: str) -> pd.DataFrame | None:
-    """The test predictions a train run logged (predictions.csv), or None if it has none."""
-    import mlflow
-
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions.csv",
-                                                                   dst_path=tmp))
-    except Exception:  # a run logged without its predictions
-        return None
+        run.log(params={"protocol": rep.protocol, "select_by": rep.select_by, "runs": len(rep.mine),
+                        "cells": len(rep.best)}, artifacts={out: "report"})
+    return {"best": rep.best, "tables": rep.tables, "dir": out, "protocol": rep.protocol,
+            "other_protocols": rep.others, "page": page, "run_id": run.run_id}
 
 
 @verb_main("report")

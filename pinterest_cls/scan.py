@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from . import config
-from .catalog import format_report, scan_export
-from .cli import verb_main
+from pinterest_cls.core import config
+from pinterest_cls.core.cli import verb_main
+from pinterest_cls.data.manifest import format_report, scan_export
 
 
 def scan(cfg: DictConfig, progress: bool = True) -> dict:

@@ -6,94 +6,20 @@ rows done, the time spent, and for an unfinished or never-started shard the comm
 
 from __future__ import annotations
 
-import json
-import shlex
 import sys
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import config
-from .cli import verb_main
-from .errors import UserError
-from .extraction import backbone_configs
-from .fileio import slurm_states
-from .store import FINGERPRINT_DEFAULTS, META, merge_records, read_records, shard_range
-
-
-def rerun_command(meta: dict, index: int, count: int) -> str:
-    """The extract command line that runs shard ``index`` of ``count`` of this store alone."""
-    bcfg = meta.get("backbone_config") or {}
-    name = meta["backbone"]
-    if (Path(config.CONF_DIR) / "backbone" / f"{name}.yaml").is_file():
-        args = [f"backbone={name}"]
-    elif bcfg.get("kind") == "timm":
-        args = ["backbone=timm", f"backbone.model={bcfg.get('model')}"]
-    else:
-        args = [f"backbone={bcfg.get('kind', name)}"]
-    if meta.get("data_root"):
-        args.append(f"data.root={meta['data_root']}")
-    # the store's own settings, whatever the defaults are now: the shard boundaries depend on the batch size
-    recorded = meta.get("extract", {})
-    args.append(f"extract.batch_size={recorded.get('batch_size') or meta['fingerprint']['batch_size']}")
-    if recorded.get("micro_batch") is not None:
-        args.append(f"extract.micro_batch={recorded['micro_batch']}")
-    if recorded.get("decode", FINGERPRINT_DEFAULTS["decode"]) != "cpu":
-        args.append(f"extract.decode={recorded['decode']}")
-    args += [f"extract.shard.count={count}", f"extract.shard.index={index}"]
-    return "python -m pinterest_cls.extract " + " ".join(shlex.quote(a) for a in args)
-
-
-def store_status(folder: Path) -> dict:
-    """{backbone, state, rows, rows_done, rows_failed, shards: [{index, count, lo, hi, done, state, ...}]}."""
-    if not (folder / META).is_file():
-        return {"backbone": folder.name, "folder": str(folder), "state": "not started", "rows": None,
-                "rows_done": 0, "rows_failed": 0, "shards": []}
-    meta = json.loads((folder / META).read_text())
-    rows = int(meta["rows"])
-    batch = int(meta.get("extract", {}).get("batch_size") or meta["fingerprint"]["batch_size"])
-    records = read_records(folder)
-    done, failures = merge_records(records, rows)
-    by_range = {(r["lo"], r["hi"]): r for r in records}
-    counts = sorted({r["shard"][1] for r in records if "shard" in r}) or ([1] if not records else [])
-    shards, seen = [], set()
-    for count in counts:
-        for index in range(count):
-            lo, hi = shard_range(rows, batch, index, count)
-            rec = by_range.get((lo, hi))
-            seen.add((lo, hi))
-            shards.append(_shard_entry(meta, index, count, lo, hi, rec))
-    for (lo, hi), rec in sorted(by_range.items()):  # records from a sharding that no longer matches
-        if (lo, hi) not in seen:
-            shards.append(_shard_entry(meta, None, None, lo, hi, rec))
-    _add_slurm_states(shards)
-    n_done = int(done.sum())
-    state = "complete" if n_done == rows else ("partial" if n_done else "not started")
-    return {"backbone": meta["backbone"], "folder": str(folder), "state": state, "rows": rows,
-            "rows_done": n_done, "rows_failed": len(failures), "shards": shards}
-
-
-def _shard_entry(meta, index, count, lo, hi, rec) -> dict:
-    done = (rec["done"] - lo) if rec else 0
-    state = "done" if done >= hi - lo else ("partial" if done else "not started")
-    entry = {"index": index, "count": count, "lo": lo, "hi": hi, "done": done, "state": state,
-             "elapsed_s": rec["elapsed_s"] if rec else 0.0, "slurm_job": (rec or {}).get("slurm_job")}
-    if state != "done" and index is not None:
-        entry["rerun"] = rerun_command(meta, index, count)
-    return entry
-
-
-def _add_slurm_states(shards: list[dict]) -> None:
-    """An unfinished shard that last committed from a SLURM job gets that job's state while SLURM's queue holds
-    it (``slurm_state``: RUNNING, PENDING, ...)."""
-    jobs = [sh["slurm_job"] for sh in shards if sh["slurm_job"] and sh["state"] != "done"]
-    states = slurm_states(jobs)
-    for sh in shards:
-        if sh["slurm_job"] in states and sh["state"] != "done":
-            sh["slurm_state"] = states[sh["slurm_job"]]
+from pinterest_cls.core import config
+from pinterest_cls.core.cli import verb_main
+from pinterest_cls.core.errors import UserError
+from pinterest_cls.data.store import META, store_status
+from pinterest_cls.embed.registry import backbone_configs
 
 
 def status(cfg: DictConfig) -> list[dict]:
+    """Print and return the state of the stores (every store under ``paths.embeddings``, or those of
+    ``backbones``)."""
     root = config.embeddings_root(cfg)
     if OmegaConf.select(cfg, "backbones", default=None):
         names = [str(b.name) for b in backbone_configs(cfg)]

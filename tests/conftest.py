@@ -1,68 +1,15 @@
-"""Shared test helpers: compose real configs from conf/, make small real images, run verbs as a user would."""
+"""Fixtures shared by the test files (helpers live in tests/helpers.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from PIL import Image
 
-from pinterest_cls.config import CONF_DIR
+from pinterest_cls.extract import extract
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def make_cfg(verb: str, overrides: list[str], return_hydra_config: bool = False):
-    """The config ``python -m pinterest_cls.<verb> <overrides>`` would run with."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name=verb, overrides=overrides, return_hydra_config=return_hydra_config)
-
-
-def run_verb(verb: str, *args: str, cwd: Path, timeout: float = 300, env: dict | None = None
-             ) -> subprocess.CompletedProcess:
-    """Run ``python -m pinterest_cls.<verb> args...`` in a subprocess, as a user would."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", f"pinterest_cls.{verb}", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def image_bytes(fmt: str = "JPEG", size=(64, 48), seed: int = 0, mode: str = "RGB", **save) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    # smooth blocks compress like photos and survive JPEG
-    arr = np.repeat(np.repeat(arr[::8, ::8], 8, axis=0), 8, axis=1)[: size[1], : size[0]]
-    im = Image.fromarray(np.ascontiguousarray(arr)).convert(mode)
-    buf = io.BytesIO()
-    im.save(buf, fmt, **save)
-    return buf.getvalue()
-
-
-def write_image(path: Path, data: bytes | None = None, **kw) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data if data is not None else image_bytes(**kw))
-    return path
-
-
-def make_pinterest_export(root: Path, boards: dict, pins_per_board: int = 3, size=(64, 48)) -> Path:
-    """``boards``: {(user, board): category or None (no board_category.txt)}."""
-    for b, ((user, board), category) in enumerate(sorted(boards.items())):
-        bdir = root / user / "per_board" / board
-        bdir.mkdir(parents=True, exist_ok=True)
-        if category is not None:
-            (bdir / "board_category.txt").write_text(category)
-        for p in range(pins_per_board):
-            write_image(bdir / f"p{p}" / "pin_closeup_image.jpg", seed=100 * b + p, size=size)
-    return root
+from .helpers import TINY, make_cfg
 
 
 @pytest.fixture
@@ -70,36 +17,19 @@ def work(tmp_path) -> Path:
     return tmp_path / "work"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    """A work folder with the demo export embedded once by the tiny random-init test model (real decodes, a real
+    store, float16 rows). Shared by the whole session: copy it (:func:`demo_work`) before writing beside it."""
+    work = tmp_path_factory.mktemp("tiny_demo") / "work"
+    extract(make_cfg("extract", [f"paths.work={work}", *TINY, "mlflow.enabled=false", "extract.workers=0"]),
+            progress=False)
+    return work
 
 
-@contextlib.contextmanager
-def serving(args: list[str], port: int, path: str, cwd: Path, env: dict | None = None, timeout: float = 120):
-    """Run ``python -m <args>`` as a server (the venv's bin on PATH, as in an activated environment: mlflow
-    starts `uvicorn` from PATH) until http://127.0.0.1:port<path> answers 200; stop it afterwards."""
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-               **(env or {}))
-    # the server's output goes to a file: a pipe nobody reads fills up (64 kB of access log) and blocks the
-    # server in the middle of a request
-    log_path = Path(cwd) / f"server-{port}.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(log_path.read_text(errors="replace")[-3000:]) from None
-                time.sleep(1)
-        yield server
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+@pytest.fixture(scope="module")
+def demo_work(tiny_demo, tmp_path_factory) -> Path:
+    """This test module's own copy of :func:`tiny_demo` (its MLflow store and outputs are its own)."""
+    work = tmp_path_factory.mktemp("demo_work") / "work"
+    shutil.copytree(tiny_demo, work)
+    return work

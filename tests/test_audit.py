@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pinterest_cls.analysis.findings import board_folds
 from pinterest_cls.audit import audit
-from pinterest_cls.auditing import board_folds
-from pinterest_cls.errors import UserError
+from pinterest_cls.core.errors import UserError
 from pinterest_cls.extract import extract
 from pinterest_cls.train import train
 
-from .conftest import make_cfg, make_pinterest_export, run_verb
+from .helpers import make_cfg, make_pinterest_export, run_verb
 
 COLOURS = {"red": (215, 45, 40), "green": (40, 190, 60), "blue": (45, 60, 215)}
 PIX = ["backbone=pixels", "backbone.image_size=16"]

@@ -8,11 +8,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from pinterest_cls import backbones
-from pinterest_cls.backbones import REGISTRY, build_backbone, timm_model_of
-from pinterest_cls.errors import UserError
+from pinterest_cls.core.errors import UserError
+from pinterest_cls.embed import weights as backbones
+from pinterest_cls.embed.backbones import build_backbone
+from pinterest_cls.embed.registry import REGISTRY, timm_model_of
 
-from .conftest import make_cfg
+from .helpers import make_cfg
 
 
 def bcfg(name, **kw):
@@ -129,7 +130,7 @@ def test_a_config_written_in_code_takes_its_defaults_from_the_yaml(tmp_path, mon
     """The backbone YAML is the one place of the defaults: change it, and a partial config follows."""
     import shutil
 
-    import pinterest_cls.config as config
+    from pinterest_cls.core import config
 
     conf = tmp_path / "conf"
     shutil.copytree(config.CONF_DIR, conf)

@@ -3,10 +3,10 @@ status 2 and the closest valid names, and nothing left behind by a command that 
 
 import pytest
 
-from pinterest_cls.cli import check_overrides, verb_help
-from pinterest_cls.errors import UserError
+from pinterest_cls.core.cli import check_overrides, verb_help
+from pinterest_cls.core.errors import UserError
 
-from .conftest import run_verb
+from .helpers import run_verb
 
 
 @pytest.mark.parametrize("verb, args, message", [

@@ -8,7 +8,7 @@ from pinterest_cls.cluster import cluster
 from pinterest_cls.extract import extract
 from pinterest_cls.train import train
 
-from .conftest import make_cfg
+from .helpers import make_cfg
 
 
 def test_the_demo_separates_classifiers_and_confuses_look_alikes(tmp_path):

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pinterest_cls.duplicates import (
+from pinterest_cls.extract import extract
+from pinterest_cls.neighbors.duplicates import (
     components,
     drop_train_copies,
     duplicate_groups,
@@ -18,10 +19,9 @@ from pinterest_cls.duplicates import (
     link_boards,
     near_pairs,
 )
-from pinterest_cls.extract import extract
 from pinterest_cls.train import train
 
-from .conftest import make_cfg, make_pinterest_export
+from .helpers import make_cfg, make_pinterest_export
 
 
 def test_near_pairs_find_copies_without_an_all_pairs_matrix():
@@ -122,7 +122,7 @@ def test_no_test_pin_keeps_a_copy_on_the_training_side(tmp_path, repinned, split
 def test_keep_one_leaves_one_pin_per_duplicate_group_and_side(tmp_path, repinned):
     """repins.keep_one: a pin-level split puts several copies on one side; with keep_one each side of the split
     holds at most one pin of each duplicate group, the others are listed as dropped, and the protocol says so."""
-    from pinterest_cls.errors import UserError
+    from pinterest_cls.core.errors import UserError
 
     def per_side(result):
         table = pd.read_csv(result["output_dir"] / "split.csv")
@@ -147,7 +147,7 @@ def test_keep_one_leaves_one_pin_per_duplicate_group_and_side(tmp_path, repinned
 
 
 def test_link_needs_a_board_split(tmp_path, repinned):
-    from pinterest_cls.errors import UserError
+    from pinterest_cls.core.errors import UserError
 
     with pytest.raises(UserError, match="repins.mode=link keeps linked boards on one side.*use repins.mode=drop"):
         run(tmp_path, repinned, "split=stratified", "repins.mode=link")

@@ -4,7 +4,7 @@ an estimator is listed, with the reason, in its EXPECTED_FAILED_CHECKS, and runs
 import numpy as np
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pinterest_cls.estimators import FaissKMeans, FaissKNN, TorchMLP
+from pinterest_cls.learn.estimators import FaissKMeans, FaissKNN, TorchMLP
 
 
 def expected_failed_checks(estimator) -> dict:

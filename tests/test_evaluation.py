@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pinterest_cls.evaluation import board_accuracy, classification_metrics
+from pinterest_cls.learn.metrics import board_accuracy, classification_metrics
 
 
 def test_metrics_with_classes_in_any_order():
@@ -35,16 +35,16 @@ def boards_frame(boards_per_category: dict[str, int], pins: int = 6) -> tuple[pd
 
 
 def inner(frame, y, *overrides, grouped=True, layout="pinterest"):
-    from pinterest_cls.splits import inner_cv
+    from pinterest_cls.learn.splits import inner_cv
 
-    from .conftest import make_cfg
+    from .helpers import make_cfg
 
     cfg = make_cfg("train", ["train.cv_folds=5", f"data.layout={layout}", *overrides])
     return inner_cv(cfg, frame, y, grouped, seed=0)
 
 
 def assert_folds_keep_boards_apart(cv, frame, y, groups):
-    from pinterest_cls.splits import board_keys
+    from pinterest_cls.learn.splits import board_keys
 
     boards = board_keys(frame)
     folds = list(cv.split(np.zeros(len(y)), y, groups=groups))
@@ -72,7 +72,7 @@ def test_inner_cv_with_a_one_board_category_still_keeps_boards_apart():
 
 
 def test_inner_cv_by_pin_only_where_asked_or_where_there_are_no_boards():
-    from pinterest_cls.errors import UserError
+    from pinterest_cls.core.errors import UserError
 
     frame, y = boards_frame({"a": 1, "b": 2})
     cv, groups, desc, leaky = inner(frame, y, "split.inner=stratified")
@@ -91,7 +91,7 @@ def test_inner_cv_by_pin_only_where_asked_or_where_there_are_no_boards():
 def test_bootstrap_interval_resamples_whole_boards():
     """Boards that are right or wrong as a whole: resampling their pins one by one would pretend 400
     independent observations and give a far narrower interval than the 20 boards support."""
-    from pinterest_cls.evaluation import _accuracy_f1, bootstrap_ci
+    from pinterest_cls.learn.metrics import _accuracy_f1, bootstrap_ci
 
     rng = np.random.default_rng(0)
     boards = np.repeat(np.arange(20), 20)

@@ -10,17 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from pinterest_cls.backbones import build_backbone
-from pinterest_cls.catalog import load_manifest
-from pinterest_cls.errors import UserError
-from pinterest_cls.extract import KILL_ENV, SIGNAL_ENV, extract
-from pinterest_cls.images import load_rgb
-from pinterest_cls.store import open_embeddings
+from pinterest_cls.core.errors import UserError
+from pinterest_cls.data.images import load_rgb
+from pinterest_cls.data.manifest import load_manifest
+from pinterest_cls.embed.backbones import build_backbone
+from pinterest_cls.extract import extract
 
-from .conftest import make_cfg, make_pinterest_export, run_verb
+from .helpers import TINY, faults, make_cfg, make_pinterest_export, read_store, run_verb
 
-TINY = ["backbone=timm", "backbone.model=test_efficientnet", "backbone.pretrained=false",
-        "backbone.image_size=64", "extract.batch_size=4", "extract.workers=0", "mlflow.enabled=false"]
+#: The tiny model in small batches, in this process, without MLflow.
+SMALL = [*TINY, "extract.batch_size=4", "extract.workers=0", "mlflow.enabled=false"]
 
 
 @pytest.fixture
@@ -30,11 +29,11 @@ def export(tmp_path):
 
 
 def cfg_for(work, export, *extra):
-    return make_cfg("extract", [f"paths.work={work}", f"data.root={export}", *TINY, *extra])
+    return make_cfg("extract", [f"paths.work={work}", f"data.root={export}", *SMALL, *extra])
 
 
 def store_of(work, name="test_efficientnet"):
-    return open_embeddings(work / "exp" / "embeddings" / name)
+    return read_store(work / "exp" / "embeddings" / name)
 
 
 def test_rows_align_with_manifest_and_failures_stay_in_their_row(tmp_path, export):
@@ -77,13 +76,13 @@ def test_rows_align_with_manifest_and_failures_stay_in_their_row(tmp_path, expor
 
 
 def test_resume_after_kill_is_bitwise_identical(tmp_path, export):
-    args = [f"data.root={export}", *TINY, "extract.workers=2", "extract.commit_every=2"]
+    args = [f"data.root={export}", *SMALL, "extract.workers=2", "extract.commit_every=2"]
     full = run_verb("extract", f"paths.work={tmp_path / 'a'}", *args, cwd=tmp_path)
     assert full.returncode == 0, full.stderr
     reference = np.load(tmp_path / "a" / "exp" / "embeddings" / "test_efficientnet" / "embeddings.npy")
     work = tmp_path / "b"
     for kill_after, committed in [(3, 8), (1, 8)]:  # killed once after a commit, once before the next
-        proc = run_verb("extract", f"paths.work={work}", *args, cwd=tmp_path, env={KILL_ENV: str(kill_after)})
+        proc = run_verb("extract", f"paths.work={work}", *args, cwd=tmp_path, env=faults(kill_after=kill_after))
         assert proc.returncode == -signal.SIGKILL
         meta = json.loads((work / "exp" / "embeddings" / "test_efficientnet" / "meta.json").read_text())
         records = list((work / "exp" / "embeddings" / "test_efficientnet" / "progress").glob("*.json"))
@@ -103,14 +102,14 @@ def test_a_stop_signal_commits_the_written_rows_and_the_rerun_resumes(tmp_path, 
     batches), a message and exit status 128 + the signal, without a traceback; each rerun resumes where the last
     stopped, and the store ends bitwise equal. (SIGUSR2 takes the same path; under
     submitit it also requeues the job: tests/test_slurm.py.)"""
-    args = [f"data.root={export}", *TINY, "extract.workers=2", "extract.commit_every=4", "extract.threads=1"]
+    args = [f"data.root={export}", *SMALL, "extract.workers=2", "extract.commit_every=4", "extract.threads=1"]
     before = torch.get_num_threads()
     extract(cfg_for(tmp_path / "a", export, "extract.threads=1"), progress=False)
     assert torch.get_num_threads() == before  # extract.threads is the run's, not the caller's afterwards
     work = tmp_path / "b"
     for sig, committed in ((signal.SIGTERM, 8), (signal.SIGINT, 16)):
         proc = subprocess.run([sys.executable, "-m", "pinterest_cls.extract", f"paths.work={work}", *args],
-                              cwd=tmp_path, env=dict(os.environ, **{SIGNAL_ENV: f"2:{int(sig)}"}),
+                              cwd=tmp_path, env=dict(os.environ, **faults(signal_after=(2, sig))),
                               capture_output=True, text=True, timeout=300, start_new_session=True)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 128 + sig, out[-2000:]
@@ -214,7 +213,7 @@ class _SignalDisposition(torch.utils.data.Dataset):
 def test_loader_workers_ignore_the_signals_slurm_sends_to_every_process_of_a_job():
     """SLURM signals every process of a job it cancels, requeues or warns of its time limit; a worker killed by
     it would fail the main process while it waits for a batch, before the main process could commit."""
-    from pinterest_cls.data import make_loader
+    from pinterest_cls.data.loader import make_loader
 
     batches = list(make_loader(_SignalDisposition(), batch_size=1, workers=2, pin_memory=False))
     assert torch.cat(batches).tolist() == [[1, 1]] * 4

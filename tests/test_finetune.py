@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pinterest_cls.errors import UserError
+from pinterest_cls.core.errors import UserError
 from pinterest_cls.finetune import finetune
-from pinterest_cls.finetuning.data import read_idx
 from pinterest_cls.finetuning.models import build_model
+from pinterest_cls.finetuning.sources import read_idx
 
-from .conftest import make_cfg
+from .helpers import make_cfg
 
 
 def patterns(n=240, size=16, chans=1, seed=0):
@@ -183,7 +183,7 @@ def test_idx_data_written_as_a_csv_export(tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from pinterest_cls.finetuning.data import write_idx_export
+    from pinterest_cls.finetuning.sources import write_idx_export
 
     x, y = patterns(n=50)
     d = tmp_path / "fm"

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from pinterest_cls.backbones import build_backbone
-from pinterest_cls.embedding import Runner, prepare_model
-from pinterest_cls.extract import KILL_ENV, extract
-from pinterest_cls.store import open_embeddings
+from pinterest_cls.embed.backbones import build_backbone
+from pinterest_cls.embed.runner import Runner, prepare_model
+from pinterest_cls.extract import extract
 
-from .conftest import make_cfg, make_pinterest_export, run_verb
+from .helpers import faults, make_cfg, make_pinterest_export, read_store, run_verb
 from .test_gpu_decode import write_photo_export
 
 pytestmark = [pytest.mark.gpu,
@@ -32,7 +31,7 @@ def cfg_for(work, root, *extra):
 
 
 def store(work, name):
-    return open_embeddings(work / "exp" / "embeddings" / name)
+    return read_store(work / "exp" / "embeddings" / name)
 
 
 def row_cosines(a, b):
@@ -121,7 +120,7 @@ def test_resume_after_kill_on_cuda_is_bitwise_identical(tmp_path, photos, decode
     assert full.returncode == 0, full.stderr
     reference = store(tmp_path / "a", "efficientnet_lite0")[0].copy()
     work = tmp_path / "b"
-    proc = run_verb("extract", f"paths.work={work}", *args, cwd=tmp_path, env={KILL_ENV: "3"})
+    proc = run_verb("extract", f"paths.work={work}", *args, cwd=tmp_path, env=faults(kill_after=3))
     assert proc.returncode == -signal.SIGKILL
     proc = run_verb("extract", f"paths.work={work}", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

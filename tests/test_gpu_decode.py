@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from pinterest_cls.backbones import build_backbone
-from pinterest_cls.data import PinDataset, make_loader
-from pinterest_cls.gpu_decode import GpuDecoder, gpu_decodable, resize_of
+from pinterest_cls.data.gpu_decode import GpuDecoder, gpu_decodable, resize_of
+from pinterest_cls.data.loader import PinDataset, make_loader
+from pinterest_cls.embed.backbones import build_backbone
 
-from .conftest import make_cfg, run_verb
+from .helpers import make_cfg, run_verb
 
 
 def photo(seed: int, size=(320, 240)) -> Image.Image:
@@ -171,7 +171,7 @@ def test_decode_gpu_without_cuda_is_a_one_line_error(tmp_path):
     assert not (work / "exp" / "embeddings").exists()
     shutil.rmtree(work)
     cfg = make_cfg("extract", [f"paths.work={work}", f"data.root={root}", "extract.decode=jpeg"])
-    from pinterest_cls.errors import UserError
+    from pinterest_cls.core.errors import UserError
     from pinterest_cls.extract import extract
 
     with pytest.raises(UserError, match=r"extract.decode='jpeg' must be cpu"):
@@ -181,7 +181,7 @@ def test_decode_gpu_without_cuda_is_a_one_line_error(tmp_path):
 def test_an_interpolation_without_gpu_resize_is_refused_before_any_work():
     from omegaconf import OmegaConf
 
-    from pinterest_cls.errors import UserError
+    from pinterest_cls.core.errors import UserError
 
     backbone = build_backbone(OmegaConf.create({"name": "t", "kind": "timm", "model": "test_efficientnet",
                                                 "pretrained": False, "image_size": 64, "interpolation": "lanczos"}))

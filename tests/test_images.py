@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pinterest_cls.images import ImageDecodeError, load_rgb
+from pinterest_cls.data.images import ImageDecodeError, load_rgb
 
-from .conftest import write_image
+from .helpers import write_image
 
 
 def saved(tmp_path, im, fmt, name, **kw):

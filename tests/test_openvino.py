@@ -11,21 +11,22 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from pinterest_cls.backbones import build_backbone
-from pinterest_cls.embedding import Embedder, backbone_from_meta, embed_paths
-from pinterest_cls.errors import UserError
-from pinterest_cls.extract import KILL_ENV, extract
-from pinterest_cls.store import open_embeddings
+from pinterest_cls.core.errors import UserError
+from pinterest_cls.data.store import open_store
+from pinterest_cls.embed.backbones import build_backbone
+from pinterest_cls.embed.device import cpu_has_native_bf16
+from pinterest_cls.embed.embedder import Embedder, backbone_from_meta, embed_images
+from pinterest_cls.extract import extract
 
-from .conftest import make_cfg, make_pinterest_export, run_verb
+from .helpers import TINY, faults, make_cfg, make_pinterest_export, read_store, run_verb
 
 pytest.importorskip("openvino")
 
-from pinterest_cls.openvino_runtime import OpenVINORunner, _precision_name  # noqa: E402
+from pinterest_cls.embed.openvino_runtime import OpenVINORunner, _precision_name
 
-TINY = ["backbone=timm", "backbone.model=test_efficientnet", "backbone.pretrained=false",
-        "backbone.image_size=64", "extract.batch_size=8", "mlflow.enabled=false", "extract.runtime=openvino",
-        "extract.openvino.request_rows=3"]
+#: The tiny model under OpenVINO, in requests of 3 pins, without MLflow.
+OV = [*TINY, "extract.batch_size=8", "mlflow.enabled=false", "extract.runtime=openvino",
+      "extract.openvino.request_rows=3"]
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +68,19 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_openvino_features_match_torch_fp32_on_real_photos_with_real_weights(photos, lite0):
-    torch_fp32, reasons = embed_paths(lite0, photos, batch_size=16, workers=0, amp="fp32")
+    torch_fp32, reasons = embed_images(lite0, photos, batch_size=16, workers=0, amp="fp32")
     assert not any(reasons) and np.abs(torch_fp32).sum(1).min() > 0
-    ov_fp32, _ = embed_paths(lite0, photos, batch_size=16, workers=0, amp="fp32", runtime="openvino",
+    ov_fp32, _ = embed_images(lite0, photos, batch_size=16, workers=0, amp="fp32", runtime="openvino",
                              request_rows=16)
     assert cosines(torch_fp32, ov_fp32).min() >= 0.999
+    if not cpu_has_native_bf16():  # OpenVINO would run f32 instead: refused (never a silent change of precision)
+        with pytest.raises(UserError, match="not the bf16 asked for"):
+            embed_images(lite0, photos, batch_size=16, workers=0, amp="bf16", runtime="openvino", request_rows=16)
+        return
     # bf16 (extract.amp=auto on a CPU with native bf16) moves the features as much as torch's bf16 does, no more
-    ov_bf16, _ = embed_paths(lite0, photos, batch_size=16, workers=0, amp="bf16", runtime="openvino",
-                             request_rows=16)
-    torch_bf16, _ = embed_paths(lite0, photos, batch_size=16, workers=0, amp="bf16")
+    ov_bf16, _ = embed_images(lite0, photos, batch_size=16, workers=0, amp="bf16", runtime="openvino",
+                              request_rows=16)
+    torch_bf16, _ = embed_images(lite0, photos, batch_size=16, workers=0, amp="bf16")
     assert cosines(torch_fp32, ov_bf16).min() >= min(0.99, cosines(torch_fp32, torch_bf16).min() - 0.002)
     assert not np.array_equal(ov_fp32, ov_bf16)  # the precision asked for is the precision run
 
@@ -90,8 +95,8 @@ def test_a_classifier_trained_on_torch_features_scores_the_same_on_openvino_feat
                                             "paths.embeddings=${paths.work}/${data.name}/ov"]), progress=False)
     assert torch_meta["extract"]["runtime"] == "torch" and ov_meta["extract"]["runtime"] == "openvino"
     assert torch_meta["extract"]["amp"] == ov_meta["extract"]["amp"]
-    X_torch, index, _ = open_embeddings(tmp_path / "w" / "demo" / "embeddings" / "efficientnet_lite0")
-    X_ov, index_ov, _ = open_embeddings(tmp_path / "w" / "demo" / "ov" / "efficientnet_lite0")
+    X_torch, index, _ = read_store(tmp_path / "w" / "demo" / "embeddings" / "efficientnet_lite0")
+    X_ov, index_ov, _ = read_store(tmp_path / "w" / "demo" / "ov" / "efficientnet_lite0")
     assert list(index["path"]) == list(index_ov["path"])
     X_torch, X_ov = np.asarray(X_torch, np.float32), np.asarray(X_ov, np.float32)
     assert cosines(X_torch, X_ov).min() > 0.98
@@ -110,12 +115,12 @@ def test_openvino_store_resumes_bitwise_after_kill_and_refuses_the_torch_runtime
     monkeypatch.setenv("PINTEREST_CLS_CACHE", str(ov_cache))
     export = make_pinterest_export(tmp_path / "exp", {("ann", "b1"): "cats", ("bob", "b2"): "dogs"},
                                    pins_per_board=12, size=(120, 160))
-    args = [f"data.root={export}", *TINY, "extract.workers=2", "extract.commit_every=1"]
+    args = [f"data.root={export}", *OV, "extract.workers=2", "extract.commit_every=1"]
     reference = extract(make_cfg("extract", [f"paths.work={tmp_path / 'a'}", *args]), progress=False)
     assert reference["complete"]
     folder = tmp_path / "b" / "exp" / "embeddings" / "test_efficientnet"
     killed = run_verb("extract", f"paths.work={tmp_path / 'b'}", *args, cwd=tmp_path,
-                      env={"PINTEREST_CLS_CACHE": str(ov_cache), KILL_ENV: "2"})
+                      env={"PINTEREST_CLS_CACHE": str(ov_cache), **faults(kill_after=2)})
     assert killed.returncode == -signal.SIGKILL
     assert "converted to OpenVINO" not in killed.stdout + killed.stderr  # the first run's conversion is reused
     assert json.loads(next((folder / "progress").glob("*.json")).read_text())["done"] == 8
@@ -126,8 +131,8 @@ def test_openvino_store_resumes_bitwise_after_kill_and_refuses_the_torch_runtime
     assert (folder / "embeddings.npy").read_bytes() == before  # nothing written is lost
     meta = extract(cfg, progress=False)
     assert meta["last_run"]["rows"] == 16  # resumed at row 8 of 24
-    emb, index, meta = open_embeddings(folder)
-    ref, _, _ = open_embeddings(tmp_path / "a" / "exp" / "embeddings" / "test_efficientnet")
+    emb, index, meta = read_store(folder)
+    ref, _, _ = read_store(tmp_path / "a" / "exp" / "embeddings" / "test_efficientnet")
     assert meta["complete"] and index["embedded"].all()
     assert np.asarray(emb).tobytes() == np.asarray(ref).tobytes()
     assert meta["extract"]["runtime"] == "openvino" and meta["extract"]["request_rows"] == 3
@@ -135,7 +140,8 @@ def test_openvino_store_resumes_bitwise_after_kill_and_refuses_the_torch_runtime
     assert meta["last_run"]["openvino"]["request_rows"] == 3
     # what predict and search do with a new image: embed it like the store's rows, bit for bit
     paths = list(index["path"][[0, 5, 17]])
-    again, reasons = Embedder.for_store(backbone_from_meta(meta), meta)(paths, workers=0)
+    typed = open_store(folder).meta
+    again, reasons = Embedder.for_store(backbone_from_meta(typed), typed)(paths, workers=0)
     assert not any(reasons)
     assert again.tobytes() == np.asarray(emb[[0, 5, 17]], np.float32).tobytes()
 
@@ -209,8 +215,8 @@ def test_predict_and_the_served_model_embed_with_the_stores_runtime(tmp_path, ov
     from pinterest_cls.train import train
 
     work = tmp_path / "work"
-    tiny = [f"paths.work={work}", *TINY[:4]]
-    extract(make_cfg("extract", [*tiny, *TINY[4:], "extract.workers=0"]), progress=False)
+    tiny = [f"paths.work={work}", *TINY]
+    extract(make_cfg("extract", [*OV, f"paths.work={work}", "extract.workers=0"]), progress=False)
     result = train(make_cfg("train", [*tiny, "classifier=logreg", "classifier.grid.C=[10]", "split=stratified",
                                       "train.n_jobs=1"]))
     export = work / "demo" / "export"

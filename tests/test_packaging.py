@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import make_pinterest_export
+from .helpers import make_pinterest_export
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def test_wheel_ships_the_configs_and_a_verb_runs_from_anywhere(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}  # the installed copy, not the checkout
-    where = subprocess.run([sys.executable, "-c", "import pinterest_cls.config as c; print(c.CONF_DIR)"],
+    where = subprocess.run([sys.executable, "-c", "import pinterest_cls.core.config as c; print(c.CONF_DIR)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True)
     assert where.stdout.strip() == str(site / "pinterest_cls" / "conf"), where.stderr
     proc = subprocess.run([sys.executable, "-m", "pinterest_cls.scan", f"data.root={export}",

@@ -8,10 +8,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from pinterest_cls.backbones import STUDY_BACKBONES, timm_model_of
-from pinterest_cls.extraction import backbone_configs
+from pinterest_cls.embed.registry import STUDY_BACKBONES, backbone_configs, timm_model_of
 
-from .conftest import make_cfg, run_verb
+from .helpers import make_cfg, run_verb
 
 STUDY = list(STUDY_BACKBONES)
 

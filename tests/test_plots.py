@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pinterest_cls import plots
+from pinterest_cls.track import plots
 
-from .conftest import write_image
+from .helpers import write_image
 
 
 @pytest.fixture

@@ -9,12 +9,11 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from pinterest_cls.extract import KILL_ENV, extract
-from pinterest_cls.images import _draft_scale, load_rgb, load_rgb_variants
+from pinterest_cls.data.images import _draft_scale, load_rgb, load_rgb_variants
+from pinterest_cls.extract import extract
 from pinterest_cls.status import status
-from pinterest_cls.store import open_embeddings
 
-from .conftest import free_port, make_cfg, make_pinterest_export, run_verb, serving
+from .helpers import faults, free_port, make_cfg, make_pinterest_export, read_store, run_verb, serving
 
 BACKBONES = "backbones=[test_efficientnet,test_convnext,pixels]"
 COMMON = ["extract.batch_size=4", "extract.amp=off", "store.dtype=float32"]
@@ -30,7 +29,7 @@ def big_export(tmp_path_factory):
 
 
 def _stores(work, names):
-    return {n: open_embeddings(work / "exp" / "embeddings" / n) for n in names}
+    return {n: read_store(work / "exp" / "embeddings" / n) for n in names}
 
 
 def test_one_decode_feeds_many_backbones_exactly_as_separate_runs(tmp_path, big_export):
@@ -67,7 +66,7 @@ def test_many_backbones_resume_each_from_its_own_commit(tmp_path, big_export):
     work = tmp_path / "w"
     args = [f"paths.work={work}", f"data.root={big_export}", *COMMON, "extract.workers=0",
             "extract.commit_every=1", "mlflow.enabled=false"]
-    proc = run_verb("extract", BACKBONES, *args, cwd=tmp_path, env={KILL_ENV: "2"})
+    proc = run_verb("extract", BACKBONES, *args, cwd=tmp_path, env=faults(kill_after=2))
     assert proc.returncode == -signal.SIGKILL
     # one backbone is finished alone; the next multi-backbone run skips it and resumes the others at row 4
     assert run_verb("extract", "backbone=test_convnext", *args, cwd=tmp_path).returncode == 0
@@ -101,13 +100,13 @@ def test_sharded_multirun_under_joblib_is_bitwise_a_single_run(tmp_path, big_exp
             "extract.threads=1", "extract.commit_every=1", "mlflow.enabled=false"]
     single = tmp_path / "single"
     assert run_verb("extract", f"paths.work={single}", *args, cwd=tmp_path).returncode == 0
-    reference = open_embeddings(single / "exp" / "embeddings" / "test_efficientnet")[0].tobytes()
+    reference = read_store(single / "exp" / "embeddings" / "test_efficientnet")[0].tobytes()
 
     work = tmp_path / "sharded"
     multirun = ["-m", f"paths.work={work}", *args, "extract.shard.count=2", "extract.shard.index=range(2)",
                 "hydra/launcher=local", "hydra.launcher.n_jobs=2"]
     # both shard jobs are killed after their first committed batch: the sweep fails, the stores are partial
-    proc = run_verb("extract", *multirun, cwd=tmp_path, env={KILL_ENV: "2"})
+    proc = run_verb("extract", *multirun, cwd=tmp_path, env=faults(kill_after=2))
     assert proc.returncode != 0
     cfg = make_cfg("status", [f"paths.work={work}", f"data.root={big_export}"])
     (st,) = status(cfg)
@@ -131,7 +130,7 @@ def test_sharded_multirun_under_joblib_is_bitwise_a_single_run(tmp_path, big_exp
     proc = run_verb("status", f"paths.work={work}", f"data.root={big_export}", "status.require_complete=true",
                     cwd=tmp_path)
     assert proc.returncode == 0 and "1 of 1 stores complete" in proc.stdout
-    emb, index, meta = open_embeddings(work / "exp" / "embeddings" / "test_efficientnet")
+    emb, index, meta = read_store(work / "exp" / "embeddings" / "test_efficientnet")
     assert meta["complete"] and index["embedded"].all() and emb.tobytes() == reference
 
 
@@ -249,9 +248,9 @@ def test_parallel_sweep_against_a_tracking_server(tmp_path, embedded, big_export
 def test_backbones_with_the_same_preprocessing_share_one_resized_tensor(big_export):
     import torch
 
-    from pinterest_cls.backbones import build_backbone
-    from pinterest_cls.data import PinDataset, collate_pins
-    from pinterest_cls.extraction import backbone_configs
+    from pinterest_cls.data.loader import PinDataset, collate_pins
+    from pinterest_cls.embed.backbones import build_backbone
+    from pinterest_cls.embed.registry import backbone_configs
 
     torch.manual_seed(0)
     backbones = [build_backbone(b) for b in backbone_configs(make_cfg("extract", [BACKBONES]))]

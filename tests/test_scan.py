@@ -6,13 +6,13 @@ import time
 import pandas as pd
 import pytest
 
-from pinterest_cls import demo
-from pinterest_cls.catalog import MANIFEST, load_manifest
-from pinterest_cls.errors import UserError
-from pinterest_cls.images import verify_image
+from pinterest_cls.core.errors import UserError
+from pinterest_cls.data import demo
+from pinterest_cls.data.images import verify_image
+from pinterest_cls.data.manifest import MANIFEST, load_manifest
 from pinterest_cls.scan import scan
 
-from .conftest import image_bytes, make_cfg, make_pinterest_export, run_verb, write_image
+from .helpers import image_bytes, make_cfg, make_pinterest_export, run_verb, write_image
 
 
 def run_scan(work, *overrides):

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pinterest_cls.demo import ensure_demo_export
-from pinterest_cls.extract import DELAY_ENV, extract
+from pinterest_cls.data.demo import ensure_demo_export
+from pinterest_cls.data.store import read_records
+from pinterest_cls.extract import extract
 from pinterest_cls.status import status
-from pinterest_cls.store import read_records
 
-from .conftest import REPO, free_port, make_cfg, serving
+from .helpers import REPO, faults, free_port, make_cfg, serving
 
 pytestmark = pytest.mark.slurm
 
@@ -119,7 +119,7 @@ def test_a_requeued_shard_commits_resumes_and_recomputes_no_committed_row(slurm,
     work = tmp_path / "work"
     sweep = _verb("extract", "-m", f"paths.work={work}", f"data.root={export}", *EXTRACT, "extract.shard.count=2",
                   "extract.shard.index=0,1", *JOBS, "mlflow.enabled=false", slurm=slurm, cwd=tmp_path,
-                  env={DELAY_ENV: "0.5"}, wait=False)
+                  env=faults(delay_s=0.5), wait=False)
     # wait until shard 0 (rows 0-71) has committed a batch, then requeue it as a preemption would
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -164,7 +164,7 @@ def test_a_job_at_its_time_limit_is_resubmitted_and_finishes(slurm, export, refe
     work = tmp_path / "work"
     proc = _verb("extract", "-m", f"paths.work={work}", f"data.root={export}", *EXTRACT, *JOBS,
                  "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=6",
-                 "mlflow.enabled=false", slurm=slurm, cwd=tmp_path, env={DELAY_ENV: "5.0"}, timeout=1200)
+                 "mlflow.enabled=false", slurm=slurm, cwd=tmp_path, env=faults(delay_s=5.0), timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     _assert_same_store(work, reference)
     (job,) = _job_folders(work, array=False)

@@ -9,16 +9,15 @@ import pandas as pd
 import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
-from pinterest_cls.errors import UserError
-from pinterest_cls.estimators import FaissKNN, TorchMLP
+from pinterest_cls.core.errors import UserError
 from pinterest_cls.extract import extract
+from pinterest_cls.learn.estimators import FaissKNN, TorchMLP
+from pinterest_cls.learn.splits import board_keys, make_splits, sample_rows
 from pinterest_cls.report import report
-from pinterest_cls.splits import board_keys, make_splits, sample_rows
 from pinterest_cls.train import train
 
-from .conftest import make_cfg, run_verb, write_image
+from .helpers import TINY, make_cfg, run_verb, write_image
 
-TINY = ["backbone=timm", "backbone.model=test_efficientnet", "backbone.pretrained=false", "backbone.image_size=64"]
 SMALL_GRIDS = {
     "svm": ["classifier.grid.C=[0.1,10]"],
     "knn": ["classifier.grid.k=[1,5]", "classifier.grid.weights=[uniform,softmax]"],
@@ -27,15 +26,6 @@ SMALL_GRIDS = {
     "random_forest": ["classifier.grid.max_depth=[null]", "classifier.grid.max_features=[sqrt]",
                       "classifier.estimator.n_estimators=50"],
 }
-
-
-@pytest.fixture(scope="module")
-def demo_work(tmp_path_factory):
-    """The demo export embedded by a tiny random-init model (real decodes, real store)."""
-    work = tmp_path_factory.mktemp("train") / "work"
-    extract(make_cfg("extract", [f"paths.work={work}", *TINY, "mlflow.enabled=false", "extract.workers=0"]),
-            progress=False)
-    return work
 
 
 def train_cfg(work, *extra):
@@ -82,17 +72,17 @@ def test_each_classifier_trains_and_logs_to_mlflow(demo_work, name):
     preds = pd.read_csv(result["output_dir"] / "predictions.csv")
     assert list(preds.columns) == ["row", "user", "board", "pin", "path", "truth", "prediction", "score"]
     model = mlflow.sklearn.load_model(f"runs:/{run.info.run_id}/model")
-    from pinterest_cls.store import open_embeddings
+    from .helpers import read_store
 
-    emb, _, _ = open_embeddings(demo_work / "demo" / "embeddings" / "test_efficientnet")
+    emb, _, _ = read_store(demo_work / "demo" / "embeddings" / "test_efficientnet")
     again = model.predict(np.asarray(emb[preds["row"].to_numpy()], dtype=np.float32))
     assert list(again) == list(preds["prediction"])
 
 
 def test_splits(demo_work):
-    from pinterest_cls.store import open_embeddings
+    from .helpers import read_store
 
-    _, index, _ = open_embeddings(demo_work / "demo" / "embeddings" / "test_efficientnet")
+    _, index, _ = read_store(demo_work / "demo" / "embeddings" / "test_efficientnet")
     frame = sample_rows(index, None, 1)
     y = frame["category"].to_numpy()
     group = make_splits(train_cfg(demo_work), frame, y)  # split=auto is group for the pinterest layout
@@ -144,15 +134,15 @@ def test_preprocessing_is_fitted_inside_each_cv_fold(demo_work):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pinterest_cls.estimators import fit_grid
-    from pinterest_cls.splits import inner_cv
-    from pinterest_cls.store import load_xy, open_store
+    from pinterest_cls.data.store import store_for
+    from pinterest_cls.learn.fitting import fit_grid
+    from pinterest_cls.learn.splits import inner_cv
 
     cfg = train_cfg(demo_work, "classifier=logreg", "classifier.grid.C=[0.01,1]", "train.scoring=neg_log_loss",
                     "preprocess.steps=[standardize,pca]", "preprocess.pca_components=8")
-    emb, index, _, _ = open_store(cfg)
-    frame = sample_rows(index, None, 1)
-    X, y = load_xy(emb, frame), frame["category"].to_numpy()
+    store = store_for(cfg)
+    frame = sample_rows(store.pins, None, 1)
+    X, y = store.vectors_of(frame), frame["category"].to_numpy()
     search, desc, _ = fit_grid(cfg, X, y, frame, True)
     cv, groups, _, _ = inner_cv(cfg, frame, y, True, int(cfg.seed))
     assert desc == "3-fold by board"

@@ -13,16 +13,13 @@ import pandas as pd
 import pytest
 
 from pinterest_cls.cluster import cluster
-from pinterest_cls.errors import UserError
+from pinterest_cls.core.errors import UserError
 from pinterest_cls.extract import extract
 from pinterest_cls.predict import predict
 from pinterest_cls.search import search
-from pinterest_cls.store import open_embeddings
 from pinterest_cls.train import train
 
-from .conftest import free_port, make_cfg, run_verb, serving
-
-TINY = ["backbone=timm", "backbone.model=test_efficientnet", "backbone.pretrained=false", "backbone.image_size=64"]
+from .helpers import TINY, free_port, make_cfg, read_store, run_verb, serving
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +58,7 @@ def test_cluster(trained):
     comp = r["composition"]
     assert comp.shape == (4, 4) and comp.to_numpy().sum() == 145  # k defaults to the number of categories
     km = joblib.load(r["model_dir"] / "kmeans.joblib")
-    emb, index, _ = open_embeddings(work / "demo" / "embeddings" / "test_efficientnet")
+    emb, index, _ = read_store(work / "demo" / "embeddings" / "test_efficientnet")
     from sklearn.preprocessing import normalize
 
     assigned = pd.read_parquet(r["model_dir"] / "assignments.parquet")
@@ -78,7 +75,7 @@ def test_cluster(trained):
 
 def test_search_by_image_and_by_pin(trained, tmp_path):
     work, _ = trained
-    _, index, _ = open_embeddings(work / "demo" / "embeddings" / "test_efficientnet")
+    _, index, _ = read_store(work / "demo" / "embeddings" / "test_efficientnet")
     pin_path = index.loc[10, "path"]
     hits = search(cfg("search", work, f"query={pin_path}", "k=5"))
     assert len(hits) == 5 and list(hits["rank"]) == [1, 2, 3, 4, 5]
@@ -101,14 +98,14 @@ def test_search_by_image_and_by_pin(trained, tmp_path):
 
 
 def test_search_checks_its_query_before_building_the_model(trained, monkeypatch, tmp_path):
-    import pinterest_cls.index as index_module
+    import pinterest_cls.embed.embedder as embedder
 
     work, _ = trained
 
     def no_model(meta):
         raise AssertionError("the backbone was built for a query that is not an image")
 
-    monkeypatch.setattr(index_module, "backbone_from_meta", no_model)
+    monkeypatch.setattr(embedder, "backbone_from_meta", no_model)
     not_image = tmp_path / "README.md"
     not_image.write_text("# not an image\n")
     with pytest.raises(UserError, match=r"query=.*README.md is not an image \(cannot identify image file\)"):

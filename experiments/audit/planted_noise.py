@@ -36,9 +36,9 @@ import pandas as pd
 from PIL import Image
 
 from pinterest_cls.audit import audit
-from pinterest_cls.config import compose
+from pinterest_cls.core.config import compose
 from pinterest_cls.extract import extract
-from pinterest_cls.finetuning.data import read_idx
+from pinterest_cls.finetuning.sources import read_idx
 from pinterest_cls.scan import scan
 
 CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]

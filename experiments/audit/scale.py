@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pinterest_cls.store import EMBEDDINGS, INDEX, INDEX_COLUMNS, META
+from pinterest_cls.data.store import EMBEDDINGS, INDEX, INDEX_COLUMNS, META
 
 BOARD = 250
 

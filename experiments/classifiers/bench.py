@@ -27,7 +27,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 
-from pinterest_cls.estimators import FaissKNN
+from pinterest_cls.learn.estimators import FaissKNN
 
 K_GRID = (1, 5, 10, 20, 50)
 

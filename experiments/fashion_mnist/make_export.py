@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pinterest_cls.config import compose
-from pinterest_cls.finetuning.data import write_idx_export
+from pinterest_cls.core.config import compose
+from pinterest_cls.finetuning.sources import write_idx_export
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pinterest_cls.backbones import STUDY_BACKBONES
+from pinterest_cls.embed.registry import STUDY_BACKBONES
 
 HERE = Path(__file__).resolve().parent
 SIZE = (736, 1100)
@@ -46,7 +46,7 @@ def header(n: int) -> None:
 
 
 def scaling(args) -> None:
-    from pinterest_cls.demo import synthetic_export
+    from pinterest_cls.data.demo import synthetic_export
 
     base = Path(args.dir)
     export = synthetic_export(base / f"export{args.n}", args.n, SIZE)
@@ -88,8 +88,8 @@ def scaling(args) -> None:
 def rates(args) -> None:
     from hydra import compose, initialize_config_dir
 
-    from pinterest_cls.config import CONF_DIR
-    from pinterest_cls.demo import synthetic_export
+    from pinterest_cls.core.config import CONF_DIR
+    from pinterest_cls.data.demo import synthetic_export
     from pinterest_cls.extract import extract
 
     base = Path(args.dir)
@@ -152,8 +152,8 @@ def grid(args) -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from pinterest_cls.config import CONF_DIR
-    from pinterest_cls.demo import synthetic_export
+    from pinterest_cls.core.config import CONF_DIR
+    from pinterest_cls.data.demo import synthetic_export
     from pinterest_cls.extract import extract
     from pinterest_cls.scan import scan
 
@@ -203,9 +203,9 @@ def grid(args) -> None:
 def decode(args) -> None:
     from omegaconf import OmegaConf
 
-    from pinterest_cls.backbones import build_backbone
-    from pinterest_cls.demo import synthetic_export
-    from pinterest_cls.images import load_rgb
+    from pinterest_cls.data.demo import synthetic_export
+    from pinterest_cls.data.images import load_rgb
+    from pinterest_cls.embed.backbones import build_backbone
 
     export = synthetic_export(Path(args.dir) / f"export{args.n}", args.n, SIZE)
     paths = sorted(str(p) for p in export.rglob("*.jpg"))

@@ -27,14 +27,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pinterest_cls.config import compose
-from pinterest_cls.duplicates import duplicate_groups, leaked, link_boards
-from pinterest_cls.errors import UserError
+from pinterest_cls.core.config import compose
+from pinterest_cls.core.errors import UserError
+from pinterest_cls.data.store import open_store
 from pinterest_cls.extract import extract
-from pinterest_cls.finetuning.data import read_idx
+from pinterest_cls.finetuning.sources import read_idx
+from pinterest_cls.learn.splits import apply_repins, make_splits
+from pinterest_cls.neighbors.duplicates import duplicate_groups, leaked, link_boards
 from pinterest_cls.scan import scan
-from pinterest_cls.splits import apply_repins, make_splits
-from pinterest_cls.store import open_embeddings
 
 CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
@@ -105,8 +105,9 @@ def main() -> None:
     cfg = compose("extract", over)
     scan(cfg, progress=False)
     extract(cfg, progress=False)
-    emb, index, _ = open_embeddings(work / "export" / "embeddings" / args.backbone)
-    X = np.asarray(emb, dtype=np.float32)
+    store = open_store(work / "export" / "embeddings" / args.backbone)
+    index = store.pins
+    X = np.asarray(store.vectors, dtype=np.float32)
     Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
     row = {pin: r for r, pin in enumerate(index["pin"])}
     print(f"{len(index)} pins: {args.n} Fashion-MNIST photos as {index['board'].nunique()} boards of 10 categories, "

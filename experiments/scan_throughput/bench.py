@@ -14,9 +14,9 @@ import platform
 import time
 from pathlib import Path
 
-from pinterest_cls.catalog import ScanSettings, run_scan
-from pinterest_cls.config import compose
-from pinterest_cls.demo import synthetic_export
+from pinterest_cls.core.config import compose
+from pinterest_cls.data.demo import synthetic_export
+from pinterest_cls.data.manifest import ScanSettings, run_scan
 
 W, H = 736, 1100
 

@@ -36,13 +36,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from pinterest_cls.backbones import build_backbone
-from pinterest_cls.config import CONF_DIR
-from pinterest_cls.data import collate_pins
-from pinterest_cls.demo import synthetic_export
-from pinterest_cls.embedding import Runner, amp_name, prepare_model, resolve_amp, resolve_device
+from pinterest_cls.core.config import CONF_DIR
+from pinterest_cls.data.demo import synthetic_export
+from pinterest_cls.data.images import load_rgb
+from pinterest_cls.data.loader import collate_pins
+from pinterest_cls.embed.backbones import build_backbone
+from pinterest_cls.embed.device import amp_name, resolve_amp, resolve_device
+from pinterest_cls.embed.runner import Runner, prepare_model
 from pinterest_cls.extract import extract
-from pinterest_cls.images import load_rgb
 from pinterest_cls.scan import scan
 
 SIZE = (736, 1100)
@@ -57,7 +58,7 @@ def model_alone(backbone, paths, batch_size, amp, n_images, device, channels_las
                 threads=None):
     """(a): images/s of the model on preloaded uint8 tensors (copied to the device per batch, as extract does)."""
     if runtime == "openvino":
-        from pinterest_cls.openvino_runtime import OpenVINORunner
+        from pinterest_cls.embed.openvino_runtime import OpenVINORunner
 
         size = backbone.info["input_size"]
         runner = OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name, request_rows=16,

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pinterest_cls.config import compose, embeddings_dir
+from pinterest_cls.core.config import compose, embeddings_dir
+from pinterest_cls.data.store import open_store
 from pinterest_cls.extract import extract
-from pinterest_cls.finetuning.data import write_idx_export
+from pinterest_cls.finetuning.sources import write_idx_export
 from pinterest_cls.scan import scan
-from pinterest_cls.store import open_embeddings
 
 
 def accuracies(X: np.ndarray, y: np.ndarray, train: np.ndarray) -> dict[str, tuple[float, np.ndarray]]:
@@ -61,9 +61,9 @@ def main() -> None:
                                   f"backbone.image_size={args.image_size}", f"extract.amp={amp}",
                                   "store.dtype=float32", "mlflow.enabled=false"])
         scan(cfg, progress=False)
-        meta = extract(cfg, progress=False)
-        emb, index, meta = open_embeddings(embeddings_dir(cfg))
-        stores[amp] = (np.asarray(emb, dtype=np.float64), index, meta)
+        extract(cfg, progress=False)
+        store = open_store(embeddings_dir(cfg))
+        stores[amp] = (np.asarray(store.vectors, dtype=np.float64), store.pins, store.meta.to_dict())
     (a, index, ma), (b, _, mb) = stores["off"], stores["bf16"]
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     y = index["category"].to_numpy()

@@ -20,9 +20,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from pinterest_cls.backbones import build_backbone
-from pinterest_cls.embedding import Runner, prepare_model
-from pinterest_cls.gpu_decode import jpeg_decoder, resize_of
+from pinterest_cls.data.gpu_decode import jpeg_decoder, resize_of
+from pinterest_cls.embed.backbones import build_backbone
+from pinterest_cls.embed.runner import Runner, prepare_model
 
 
 def crops(n: int, size=(320, 240)):

@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from pinterest_cls.backbones import build_backbone
-from pinterest_cls.config import CONF_DIR
-from pinterest_cls.demo import synthetic_export
-from pinterest_cls.embedding import Runner, prepare_model
+from pinterest_cls.core.config import CONF_DIR
+from pinterest_cls.data.demo import synthetic_export
+from pinterest_cls.data.store import open_store
+from pinterest_cls.embed.backbones import build_backbone
+from pinterest_cls.embed.runner import Runner, prepare_model
 from pinterest_cls.extract import extract
 from pinterest_cls.scan import scan
-from pinterest_cls.store import open_embeddings
 
 SIZE = (736, 1100)
 COLUMNS = ["device", "torch", "backbone", "image_size", "batch", "workers", "decode", "model_only_img_s",
@@ -119,12 +119,12 @@ def main() -> None:
                         shutil.rmtree(folder, ignore_errors=True)  # workers are not in the fingerprint
                         run = extract(cfg, progress=False)["last_run"]
                         if workers == max(args.workers):
-                            kept[decode] = np.asarray(open_embeddings(folder)[0], dtype=np.float32).copy()
+                            kept[decode] = np.asarray(open_store(folder).vectors, dtype=np.float32).copy()
                         cos = ""
                         if decode == "gpu" and "cpu" in kept and "gpu" in kept:
                             a, b = kept["cpu"], kept["gpu"]
                             cos = float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
-                        meta = open_embeddings(folder)[2]
+                        meta = open_store(folder).meta.to_dict()
                         row = dict(device=name, torch=torch.__version__, backbone=bname,
                                    image_size=meta["preprocessing"]["input_size"], batch=batch, workers=workers,
                                    decode=decode,

@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from pinterest_cls.config import CONF_DIR
-from pinterest_cls.demo import synthetic_export
-from pinterest_cls.embedding import resolve_device
+from pinterest_cls.core.config import CONF_DIR
+from pinterest_cls.data.demo import synthetic_export
+from pinterest_cls.embed.device import resolve_device
+from pinterest_cls.embed.registry import backbone_configs
+from pinterest_cls.embed.streaming import extract_many
 from pinterest_cls.extract import extract
-from pinterest_cls.extraction import backbone_configs, extract_many
 from pinterest_cls.scan import scan
 
 SIZE = (736, 1100)

@@ -30,8 +30,8 @@ from pathlib import Path
 import pandas as pd
 from hydra import compose, initialize_config_dir
 
-from pinterest_cls.config import CONF_DIR
-from pinterest_cls.demo import synthetic_export
+from pinterest_cls.core.config import CONF_DIR
+from pinterest_cls.data.demo import synthetic_export
 from pinterest_cls.extract import extract
 from pinterest_cls.predict import predict
 from pinterest_cls.train import train

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import make_loader
-from ..embedding import resolve_amp, resolve_device
-from ..errors import UserError
-from ..evaluation import classification_metrics
-from .data import ArrayImages, FileImages, Source, make_transform
-from .models import build_model
+from pinterest_cls.core.errors import UserError
+from pinterest_cls.data.loader import make_loader
+from pinterest_cls.embed.device import resolve_amp, resolve_device
+from pinterest_cls.finetuning.inputs import ArrayImages, FileImages, make_transform
+from pinterest_cls.finetuning.models import build_model, model_name
+from pinterest_cls.finetuning.sources import Source
+from pinterest_cls.learn.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -31,58 +32,6 @@ def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def run_epoch(model, loader, loss_fn, task, device, amp, channels_last, optimizer=None, scheduler=None,
-              scaler=None, grad_clip=0.0, desc=""):
-    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy or MAE, outputs, targets)."""
-    from tqdm.auto import tqdm
-
-    train = optimizer is not None
-    model.train(train)
-    total, n, outs, tgts = 0.0, 0, [], []
-    ctx = torch.enable_grad() if train else torch.inference_mode()
-    with ctx, tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=not desc) as bar:
-        for x, y in bar:
-            x = x.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                out = model(x)
-                out = out.squeeze(1) if task == "regression" else out
-                loss = loss_fn(out.float(), y.float() if task == "regression" else y)
-            if train:
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-            total += float(loss.detach()) * len(y)
-            n += len(y)
-            outs.append(out.detach().float().cpu())
-            tgts.append(y.cpu())
-            bar.set_postfix(loss=f"{total / n:.4f}")
-    outs, tgts = torch.cat(outs), torch.cat(tgts)
-    score = (float((outs - tgts).abs().mean()) if task == "regression"
-             else float((outs.argmax(1) == tgts).float().mean()))
-    return total / max(n, 1), score, outs, tgts
-
-
-def _set_trainable(model, head_only: bool):
-    head = model.get_classifier()
-    head_params = {id(p) for p in head.parameters()}
-    for p in model.parameters():
-        p.requires_grad = (id(p) in head_params) or not head_only
 
 
 @dataclass
@@ -102,6 +51,72 @@ class Setup:
         return "accuracy" if self.task == "classification" else "mae"
 
 
+@dataclass
+class Step:
+    """What a training pass steps with: the optimizer and its schedule, the fp16 GradScaler (or None), and the
+    gradient clip (max norm; 0 = off)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object | None = None
+    grad_clip: float = 0.0
+
+    def __call__(self, loss: torch.Tensor, model: nn.Module) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+
+
+def run_epoch(setup: Setup, loader, step: Step | None = None, desc: str = ""):
+    """One pass of ``setup``'s model over ``loader``; trains when a ``step`` is given. Returns (mean loss, accuracy
+    or MAE, outputs, targets)."""
+    from tqdm.auto import tqdm
+
+    train, model, device = step is not None, setup.model, setup.device
+    model.train(train)
+    total, n, outs, tgts = 0.0, 0, [], []
+    ctx = torch.enable_grad() if train else torch.inference_mode()
+    with ctx, tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=not desc) as bar:
+        for x, y in bar:
+            x = x.to(device, non_blocking=True)
+            if setup.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=setup.amp or torch.float32, enabled=setup.amp is not None):
+                out = model(x)
+                out = out.squeeze(1) if setup.task == "regression" else out
+                loss = setup.loss_fn(out.float(), y.float() if setup.task == "regression" else y)
+            if train:
+                step(loss, model)
+            total += float(loss.detach()) * len(y)
+            n += len(y)
+            outs.append(out.detach().float().cpu())
+            tgts.append(y.cpu())
+            bar.set_postfix(loss=f"{total / n:.4f}")
+    outs, tgts = torch.cat(outs), torch.cat(tgts)
+    score = (float((outs - tgts).abs().mean()) if setup.task == "regression"
+             else float((outs.argmax(1) == tgts).float().mean()))
+    return total / max(n, 1), score, outs, tgts
+
+
+def _set_trainable(model, head_only: bool):
+    head = model.get_classifier()
+    head_params = {id(p) for p in head.parameters()}
+    for p in model.parameters():
+        p.requires_grad = (id(p) in head_params) or not head_only
+
+
 def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoint: Path):
     """Train on ``train_idx``, early-stop on ``val_idx``, evaluate the best checkpoint on ``test``.
 
@@ -119,8 +134,7 @@ def fit_one(cfg, src: Source, train_idx, val_idx, test, fold_name: str, checkpoi
                      f"best_val_{key}": best_row[f"val_{key}"]}}
     if test_loader is None:
         return history, None, None, info
-    _, _, outs, tgts = run_epoch(setup.model, test_loader, setup.loss_fn, setup.task, setup.device, setup.amp,
-                                 setup.channels_last)
+    _, _, outs, tgts = run_epoch(setup, test_loader)
     return history, outs.numpy(), tgts.numpy(), info
 
 
@@ -189,15 +203,13 @@ def _train(cfg, setup: Setup, train_loader, val_loader, fold_name: str, checkpoi
     scaler = torch.amp.GradScaler(setup.device.type) if setup.amp == torch.float16 else None
     history, best, best_state, best_row, stale = [], math.inf, None, None, 0
     monitor, key = str(cfg.early_stopping.monitor), setup.key
-    run = dict(loss_fn=setup.loss_fn, task=setup.task, device=setup.device, amp=setup.amp,
-               channels_last=setup.channels_last)
+    step = Step(optimizer, scheduler, scaler, float(o.grad_clip))
     for epoch in range(epochs):
         _set_trainable(model, head_only=epoch < probe)
         t0 = time.perf_counter()
         desc = f"{fold_name}epoch {epoch + 1}/{epochs}" + (" (probe)" if epoch < probe else "")
-        tr_loss, tr_score, _, _ = run_epoch(model, train_loader, optimizer=optimizer, scheduler=scheduler,
-                                            scaler=scaler, grad_clip=float(o.grad_clip), desc=desc, **run)
-        va_loss, va_score, _, _ = run_epoch(model, val_loader, **run)
+        tr_loss, tr_score, _, _ = run_epoch(setup, train_loader, step, desc)
+        va_loss, va_score, _, _ = run_epoch(setup, val_loader)
         row = {"epoch": epoch + 1, "train_loss": tr_loss, f"train_{key}": tr_score, "val_loss": va_loss,
                f"val_{key}": va_score, "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
         history.append(row)
@@ -254,3 +266,15 @@ def fit_folds(cfg, src: Source, folds: list, out: Path, look_at_test: bool) -> F
             log.info(f"{name}" + ", ".join(f"{k} {v:.4f}" for k, v in runs.test_metrics[-1].items()
                                          if k in ("accuracy", "f1_macro", "mse", "mae")))
     return runs
+
+
+def run_params(cfg, folds: list, info: dict, look_at_test: bool) -> dict:
+    """A finetune run's MLflow params: the model and its weights, the optimisation, the split and the precision."""
+    return {"model": model_name(cfg), "pretrained": bool(cfg.model.pretrained),
+            "weights": info.get("weights"), "task": str(cfg.task), "epochs": int(cfg.epochs),
+            "batch_size": int(cfg.batch_size), "lr": float(cfg.optim.lr), "augment": str(cfg.augment),
+            "label_smoothing": float(cfg.optim.label_smoothing), "linear_probe_epochs": int(cfg.linear_probe_epochs),
+            "split": str(cfg.split.mode), "folds": len(folds), "seed": int(cfg.seed), "data": str(cfg.data.name),
+            "n_train": int(len(folds[0][0])), "n_test": int(np.sum([len(f[2][2]) for f in folds])),
+            "device": info.get("device"), "amp": info.get("amp"), "channels_last": str(cfg.channels_last),
+            "weight_decay": float(cfg.optim.weight_decay), "evaluate_test": look_at_test}

@@ -8,8 +8,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..backbones import REGISTRY, _create_timm
-from ..errors import UserError
+from pinterest_cls.core.errors import UserError
+from pinterest_cls.embed.registry import REGISTRY
+from pinterest_cls.embed.weights import create_timm
 
 
 class SimpleCNN(nn.Module):
@@ -61,7 +62,7 @@ def _timm_model(m: DictConfig, in_chans: int, num_outputs: int, image_size: int)
     if not model_id:
         raise UserError("model=timm needs model.name=<timm model> (or model.backbone=<registered backbone>)")
     bcfg = OmegaConf.create({"pretrained": bool(m.pretrained), "weights": m.get("weights"), "in_chans": None})
-    model, info = _create_timm(model_id, bcfg, spec)  # 3-channel features, with the weight rules of backbones
+    model, info = create_timm(model_id, bcfg, spec)  # 3-channel features, with the weight rules of backbones
     if in_chans != 3:
         _adapt_first_conv(model, in_chans)
     model.reset_classifier(num_outputs)

@@ -1,0 +1,207 @@
+"""The backbone x classifier results table from the train runs in MLflow (what ``report`` writes): one protocol's
+runs, the best run per cell by the training side's CV score, with 95 % intervals, as CSV, Markdown, heatmap PNGs
+and an HTML page."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from pinterest_cls.analysis.pages import ReportPage, write_report_page
+from pinterest_cls.core import config
+from pinterest_cls.core.errors import UserError
+from pinterest_cls.learn.protocol import NO_PROTOCOL, default_protocol_settings, protocol_without_rows
+from pinterest_cls.track.plots import heatmap_plot
+from pinterest_cls.track.tracking import experiment_id
+
+
+def train_runs(cfg: DictConfig) -> pd.DataFrame:
+    """Finished ``train`` runs of experiment ``mlflow.experiment``: one row per run."""
+    import mlflow
+
+    exp = experiment_id(cfg)
+    runs = mlflow.search_runs(experiment_ids=[exp], filter_string="tags.verb = 'train' and status = 'FINISHED'",
+                              output_format="pandas")
+    return runs
+
+
+def choose_protocol(cfg: DictConfig, runs: pd.DataFrame) -> tuple[str, pd.DataFrame, pd.Series]:
+    """(protocol, its runs, counts of the runs of every other protocol). ``report.protocol=default``: the
+    default settings on the rows of the newest such run; else the protocol given (as printed or in runs.csv)."""
+    runs = runs.copy()
+    col = "params.protocol"
+    runs[col] = runs[col].fillna(NO_PROTOCOL) if col in runs.columns else NO_PROTOCOL
+    wanted = str(config.select(cfg, "report.protocol"))
+    counts = runs[col].value_counts()
+    listing = "; ".join(f"'{p}' ({n} runs)" for p, n in counts.items())
+    if wanted == "default":
+        settings = default_protocol_settings(cfg)
+        ours = runs[runs[col].map(protocol_without_rows) == settings]
+        if ours.empty:
+            raise UserError(f"no train run used the default protocol ({settings}); the runs used: {listing}. "
+                            "Choose one with report.protocol='<protocol>'")
+        wanted = str(ours.sort_values("start_time").iloc[-1][col])
+    elif wanted not in counts.index:
+        raise UserError(f"report.protocol='{wanted}' matches no train run; the runs used: {listing}")
+    return wanted, runs[runs[col] == wanted], counts.drop(wanted)
+
+
+def best_per_cell(runs: pd.DataFrame, select_by: str) -> pd.DataFrame:
+    """For each (backbone, classifier), the run with the highest ``select_by`` metric (latest on ties)."""
+    col = f"metrics.{select_by}"
+    if col not in runs.columns:
+        raise UserError(f"report.select_by={select_by!r}: no train run has that metric "
+                        f"(they have: {', '.join(sorted(c[8:] for c in runs.columns if c.startswith('metrics.')))})")
+    runs = runs.sort_values([col, "start_time"], ascending=[False, False], na_position="last")
+    best = runs.groupby(["params.backbone", "params.classifier"], sort=True).head(1)
+    def metric(name):
+        return best[f"metrics.{name}"] if f"metrics.{name}" in best.columns else np.nan
+
+    out = pd.DataFrame({
+        "backbone": best["params.backbone"], "classifier": best["params.classifier"],
+        "test_f1_macro": best["metrics.test_f1_macro"], "test_accuracy": best["metrics.test_accuracy"],
+        **{f"{m}_ci_{side}": metric(f"{m}_ci_{side}") for m in ("test_f1_macro", "test_accuracy")
+           for side in ("low", "high")},
+        select_by: best[col], "split": best.get("params.split"), "run_id": best["run_id"],
+        "protocol": best.get("params.protocol"), "inner_cv": best.get("params.inner_cv"),
+    })
+    return out.sort_values(["backbone", "classifier"]).reset_index(drop=True)
+
+
+def with_intervals(best: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Backbone x classifier cells as text: ``0.9123 [0.8810, 0.9402]`` (the interval where the run has one)."""
+    def cell(row):
+        low, high = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
+        value = f"{row[metric]:.4f}"
+        return value + (f" [{low:.4f}, {high:.4f}]" if pd.notna(low) and pd.notna(high) else "")
+
+    text = best.assign(cell=best.apply(cell, axis=1)).pivot(index="backbone", columns="classifier", values="cell")
+    text.columns.name = None
+    return text.fillna("")
+
+
+def to_markdown(table: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
+    cols = [str(c) for c in table.columns]
+    lines = ["| " + " | ".join([table.index.name or ""] + cols) + " |",
+             "|" + "---|" * (len(cols) + 1)]
+    for idx, row in table.iterrows():
+        cells = [floatfmt.format(v) if isinstance(v, (float, np.floating)) and np.isfinite(v)
+                 else ("" if isinstance(v, float) else str(v)) for v in row]
+        lines.append("| " + " | ".join([str(idx)] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_predictions(run_id: str) -> pd.DataFrame | None:
+    """The test predictions a train run logged (predictions.csv), or None if it has none."""
+    import mlflow
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions.csv",
+                                                                   dst_path=tmp))
+    except Exception:  # a run logged without its predictions
+        return None
+
+
+def run_url(ui: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI's page of a run (``ui``: the UI's address, e.g. http://127.0.0.1:5000)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def per_class_f1(runs: pd.DataFrame, best: pd.DataFrame, select_by: str) -> pd.DataFrame:
+    """Backbone x category: the test F1 of each category, from the best run of each backbone (the cell with the
+    highest ``select_by`` in its row of ``best``); categories as logged (``test_f1_<category>``)."""
+    top = best.sort_values(select_by, ascending=False).groupby("backbone", sort=True).head(1)
+    cols = [c for c in runs.columns if c.startswith("metrics.test_f1_") and c != "metrics.test_f1_macro"
+            and not c.endswith(("_std", "_ci_low", "_ci_high"))]
+    chosen = runs.set_index("run_id").loc[top["run_id"], cols]
+    chosen.index = top["backbone"].to_numpy()
+    chosen.columns = [c.removeprefix("metrics.test_f1_") for c in cols]
+    chosen.index.name = "backbone"
+    return chosen.sort_index().dropna(axis=1, how="all")
+
+
+#: The metrics of the report's tables.
+METRICS = ("test_f1_macro", "test_accuracy")
+
+
+@dataclass
+class Report:
+    """A report's content: the protocol shown, its runs, the other protocols' run counts, and the best run per
+    cell (``best``: one row per backbone and classifier) chosen by ``select_by``."""
+
+    protocol: str
+    runs: pd.DataFrame  # every finished train run of the experiment
+    mine: pd.DataFrame  # those of ``protocol``
+    others: pd.Series  # run counts of the other protocols
+    best: pd.DataFrame
+    select_by: str
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # metric -> backbone x classifier values
+    cells: dict[str, pd.DataFrame] = field(default_factory=dict)  # ... as text with their intervals
+
+    @property
+    def note(self) -> str:
+        """What is left out: the runs of other protocols, or ""."""
+        if not len(self.others):
+            return ""
+        return (f"{int(self.others.sum())} runs of other protocols are not shown: "
+                + "; ".join(f"'{p}' ({n})" for p, n in self.others.items())
+                + ". Choose one with report.protocol='...'.")
+
+
+def build_report(cfg: DictConfig) -> Report:
+    """The finished train runs of ``mlflow.experiment``, one protocol of them (``report.protocol``), and the best
+    run per cell by ``report.select_by``."""
+    runs = train_runs(cfg)
+    if runs.empty:
+        raise UserError(f"no finished train runs in MLflow experiment {cfg.mlflow.experiment!r} at "
+                        f"{cfg.mlflow.tracking_uri}; run python -m pinterest_cls.train first")
+    chosen, mine, others = choose_protocol(cfg, runs)
+    select_by = str(cfg.report.select_by)
+    best = best_per_cell(mine, select_by)
+    rep = Report(chosen, runs, mine, others, best, select_by)
+    for metric in METRICS:
+        table = best.pivot(index="backbone", columns="classifier", values=metric)
+        table.columns.name = None
+        rep.tables[metric], rep.cells[metric] = table, with_intervals(best, metric)
+    return rep
+
+
+def write_report(cfg: DictConfig, rep: Report, out: Path) -> Path:
+    """``runs.csv``, ``<metric>.csv|png``, ``report.md`` and ``report.html`` in ``out``; returns the page."""
+    out.mkdir(parents=True, exist_ok=True)
+    rep.best.to_csv(out / "runs.csv", index=False)
+    for metric, table in rep.tables.items():
+        table.to_csv(out / f"{metric}.csv")
+        heatmap_plot(table, out / f"{metric}.png", title=f"{cfg.data.name}: {metric}, 95% bootstrap interval (best "
+                                                         f"run per cell by {rep.select_by})\n{rep.protocol}",
+                     labels=rep.cells[metric], xlabel="classifier", ylabel="backbone")
+    md = [f"# {cfg.data.name}: backbone x classifier\n\n", f"Protocol: `{rep.protocol}`.\n\n",
+          f"Best run per cell by `{rep.select_by}` among the {len(rep.mine)} train runs of this protocol.\n"]
+    if rep.note:
+        md.append(f"\n{rep.note}\n")
+    for metric, text in rep.cells.items():
+        md += [f"\n## {metric} [95% bootstrap interval]\n\n", to_markdown(text)]
+    (out / "report.md").write_text("".join(md))
+    return write_report_page(out, _page(cfg, rep))
+
+
+def _page(cfg: DictConfig, rep: Report) -> ReportPage:
+    """report.html's content: the tables with links to the runs, the heatmaps, per-class F1 and the best run's
+    mistakes."""
+    exp = experiment_id(cfg)
+    uri = str(cfg.mlflow.tracking_uri)
+    ui = uri if uri.startswith(("http://", "https://")) else str(config.select(cfg, "report.mlflow_ui"))
+    best = rep.best
+    links = best.assign(url=[run_url(ui, exp, r) for r in best["run_id"]]).pivot(
+        index="backbone", columns="classifier", values="url")
+    top = best.sort_values(rep.select_by, ascending=False).iloc[0]
+    return ReportPage(f"{cfg.data.name}: backbone x classifier", rep.protocol, rep.note, rep.cells, links,
+                      {m: f"{m}.png" for m in rep.cells}, per_class_f1(rep.runs, best, rep.select_by),
+                      run_predictions(str(top["run_id"])), f"{top['backbone']}-{top['classifier']} ({top['run_id']})",
+                      int(config.select(cfg, "report.gallery")))

@@ -1,0 +1,78 @@
+"""Running a feature model on batches: eager PyTorch (:class:`Runner`) or OpenVINO, chosen by :func:`make_runner`."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from pinterest_cls.core.errors import UserError
+from pinterest_cls.embed.device import amp_name, strict_fp32
+from pinterest_cls.embed.openvino_runtime import OpenVINORunner
+
+log = logging.getLogger(__name__)
+
+
+class Runner:
+    """Runs a feature model on batches (on the CPU or already on the device); on CUDA out-of-memory, halves
+    the micro-batch and retries, and keeps the smaller micro-batch from then on.
+
+    ``micro_batch``: rows per forward pass (None: the whole batch). The features' last bits depend on it, so
+    extract records the micro-batch in effect with each commit and a resumed run continues with it."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, amp: torch.dtype | None,
+                 channels_last: bool, micro_batch: int | None = None):
+        self.model, self.device, self.amp, self.channels_last = model, device, amp, channels_last
+        self.micro_batch: int | None = micro_batch
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else strict_fp32(self.device)
+        with ctx:
+            return self.model(x).float()
+
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            while True:
+                step = self.micro_batch or len(x)
+                try:
+                    parts = [self._forward(x[i:i + step]) for i in range(0, len(x), step)]
+                    out = torch.cat(parts).cpu()
+                    if self.amp == torch.float16 and not torch.isfinite(out).all():
+                        raise UserError("fp16 autocast overflowed: the model gave non-finite features; "
+                                        "use extract.amp=bf16 or extract.amp=off")
+                    return out.numpy()
+                except torch.cuda.OutOfMemoryError:
+                    if step <= 1:
+                        raise
+                # out of the except block, the failed pass's tensors are freed with its traceback
+                torch.cuda.empty_cache()
+                self.micro_batch = max(1, step // 2)
+                log.warning(f"CUDA out of memory: retrying with micro-batches of {self.micro_batch} "
+                      f"(set extract.micro_batch={self.micro_batch} to start there)")
+
+
+def make_runner(backbone, device: torch.device, amp: torch.dtype | None, runtime: str = "torch",
+                channels_last: bool = True, compile_: bool = False, micro_batch: int | None = None,
+                request_rows: int | None = None):
+    """The runner of ``backbone``'s model: :class:`Runner` (eager PyTorch, optionally compiled) or, for
+    ``runtime="openvino"``, :class:`embed.openvino_runtime.OpenVINORunner` with ``request_rows`` pins per request."""
+    if runtime == "openvino":
+        size = int(backbone.info["input_size"])
+        if request_rows is None:
+            raise ValueError("the OpenVINO runtime needs request_rows (extract.openvino.request_rows)")
+        return OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name, request_rows)
+    return Runner(prepare_model(backbone.model, device, channels_last, compile_), device, amp, channels_last,
+                  micro_batch)
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool, compile_: bool):
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile_:
+        model = torch.compile(model)
+    return model

@@ -1,8 +1,0 @@
-"""The served end-to-end model as MLflow builds it from code (``mlflow.pyfunc.log_model(python_model=<this
-file>)``, see :func:`pinterest_cls.serving.log_pipeline`): no pickled Python object in the model."""
-
-from mlflow.models import set_model
-
-from pinterest_cls.serving import PinterestPyfuncModel
-
-set_model(PinterestPyfuncModel())

@@ -1,0 +1,83 @@
+"""A train run's models in and out of MLflow: the classifier saved in skops' format (no pickle, only trusted types
+load), and a run's classifier and store metadata loaded back for ``predict``."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pinterest_cls.core.errors import UserError
+from pinterest_cls.data.store import StoreMeta
+from pinterest_cls.track.tracking import use_store
+
+#: The end-to-end pyfunc model's name in a train run.
+PIPELINE = "pipeline"
+#: The store's meta.json, logged with each train run: what rebuilds the backbone that made its features.
+EMBEDDINGS_META = "embeddings_meta.json"
+
+
+def load_run(tracking_uri: str, run_id: str) -> tuple[object, StoreMeta]:
+    """(the fitted scikit-learn pipeline, the meta of the store it was trained on) of a train run in the MLflow
+    store ``tracking_uri``, with one-line errors."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow = use_store(tracking_uri)
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"run_id={run_id} is not a run in the MLflow store {tracking_uri}; "
+                        "see `mlflow ui` or python -m pinterest_cls.report for run ids") from None
+    if run.data.tags.get("verb") != "train":
+        raise UserError(f"run {run_id} is not a train run (verb={run.data.tags.get('verb')}) and has no classifier")
+    try:
+        model = mlflow.sklearn.load_model(f"runs:/{run_id}/model")
+    except Exception as exc:
+        raise UserError(f"run {run_id} has no loadable model ({str(exc).splitlines()[0][:200]}); "
+                        "re-run its train job") from None
+    try:
+        meta = json.loads(Path(client.download_artifacts(run_id, EMBEDDINGS_META, tempfile.mkdtemp())).read_text())
+    except Exception:
+        raise UserError(f"run {run_id} has no {EMBEDDINGS_META}; re-run its train job") from None
+    return model, StoreMeta.from_dict(meta, f"{EMBEDDINGS_META} of run {run_id}")
+
+
+#: The classes of this package that a saved classifier may hold, trusted when skops loads it (beside what skops
+#: trusts by default); scikit-learn's tree structure, which skops does not trust by default, for random forests.
+TRUSTED_TYPES = ["pinterest_cls.learn.estimators.FaissKNN", "pinterest_cls.learn.estimators.TorchMLP",
+                 "sklearn.tree._tree.Tree"]
+
+
+def skops_bytes(classifier) -> bytes:
+    """The fitted classifier in skops' format (no arbitrary code runs when it is loaded), refusing a type
+    outside :data:`TRUSTED_TYPES` that skops would not load."""
+    import skops.io
+
+    data = skops.io.dumps(classifier)
+    untrusted = sorted(set(skops.io.get_untrusted_types(data=data)) - set(TRUSTED_TYPES))
+    if untrusted:
+        raise TypeError(f"the classifier holds types that skops does not trust: {', '.join(untrusted)}; "
+                        "add them to pinterest_cls.serving.model_io.TRUSTED_TYPES if they are safe")
+    return data
+
+
+def load_classifier(path: str | Path):
+    import skops.io
+
+    return skops.io.load(path, trusted=TRUSTED_TYPES)
+
+
+def log_model(model) -> None:
+    """The fitted pipeline via mlflow.sklearn in skops' format (loads back with mlflow.sklearn.load_model,
+    trusting only :data:`TRUSTED_TYPES`)."""
+    import mlflow.sklearn
+    import sklearn
+
+    skops_bytes(model)  # refuses a type that loading would not trust
+    reqs = [f"scikit-learn=={sklearn.__version__}", f"numpy=={np.__version__}", "skops", "faiss-cpu", "torch"]
+    mlflow.sklearn.log_model(model, name="model", pip_requirements=reqs,
+                             serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
+                             skops_trusted_types=TRUSTED_TYPES)

@@ -1,0 +1,43 @@
+"""Fault injection for the crash-safety tests, and only for them: a test that puts this folder on PYTHONPATH
+(``tests.helpers.faults``) makes Python import this file at start-up, which adds a batch hook to extract's stream
+(``pinterest_cls.embed.streaming.BATCH_HOOKS``, empty in every other run). Production code reads none of this.
+
+- ``PINTEREST_CLS_KILL_AFTER_BATCH=N``: kill -9 the process right after the Nth batch's rows are written, before
+  they are committed;
+- ``PINTEREST_CLS_SIGNAL_AFTER_BATCH=N:SIG``: send signal SIG right after the Nth batch's rows are written, to the
+  process group (DataLoader workers included, as Ctrl-C or SLURM would) when the process leads it;
+- ``PINTEREST_CLS_BATCH_DELAY_S=S``: sleep S seconds after each batch (a SLURM job is then still running when it is
+  requeued or reaches its time limit).
+"""
+
+import os
+import signal
+import time
+
+KILL, SIGNAL = "PINTEREST_CLS_KILL_AFTER_BATCH", "PINTEREST_CLS_SIGNAL_AFTER_BATCH"
+DELAY = "PINTEREST_CLS_BATCH_DELAY_S"
+
+
+def _install() -> None:
+    kill = int(os.environ.get(KILL, "0") or 0)
+    delay = float(os.environ.get(DELAY, "0") or 0)
+    at, _, sig = (os.environ.get(SIGNAL) or "0:0").partition(":")
+    if not kill and not delay and not int(at):
+        return
+
+    def on_batch(batch: int) -> None:
+        if batch == kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if batch == int(at):
+            if os.getpgrp() == os.getpid():
+                os.killpg(os.getpgrp(), int(sig))
+            else:
+                os.kill(os.getpid(), int(sig))
+        time.sleep(delay)
+
+    from pinterest_cls.embed import streaming
+
+    streaming.BATCH_HOOKS.append(on_batch)
+
+
+_install()
