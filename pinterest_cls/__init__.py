@@ -7,10 +7,10 @@ From the command line, every verb is a Hydra app: ``python -m pinterest_cls.<ver
 From Python (a notebook), the few things a researcher uses, each loaded on first use so that ``import
 pinterest_cls`` stays cheap:
 
-- :func:`open_store`: an embedding store's vectors, pins and metadata (:class:`Store`);
-- :func:`build_backbone`, :class:`Embedder` and :func:`embed_images`: embed image files with a backbone;
-- :func:`load_pipeline`: a train run's end-to-end model (:class:`EndToEnd`: image files in, categories out);
-- the estimators :class:`FaissKNN`, :class:`TorchMLP` and :class:`FaissKMeans` (scikit-learn compatible).
+- ``open_store``: an embedding store's vectors, pins and metadata (``Store``);
+- ``build_backbone``, ``Embedder`` and ``embed_images``: embed image files with a backbone;
+- ``load_pipeline``: a train run's end-to-end model (``EndToEnd``: image files in, categories out);
+- the estimators ``FaissKNN``, ``TorchMLP`` and ``FaissKMeans`` (scikit-learn compatible).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""train and report on real (tiny-model) embeddings of the demo export, with a real SQLite MLflow store."""
+"""train on real (tiny-model) embeddings of the demo export, with a real SQLite MLflow store."""
 
 import hashlib
 import json
@@ -12,8 +12,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.extract import extract
 from pinterest_cls.learn.estimators import FaissKNN, TorchMLP
-from pinterest_cls.learn.splits import board_keys, make_splits, sample_rows
-from pinterest_cls.report import report
+from pinterest_cls.learn.splits import sample_rows
 from pinterest_cls.train import train
 
 from .helpers import TINY, make_cfg, run_verb, write_image
@@ -79,37 +78,6 @@ def test_each_classifier_trains_and_logs_to_mlflow(demo_work, name):
     assert list(again) == list(preds["prediction"])
 
 
-def test_splits(demo_work):
-    from .helpers import read_store
-
-    _, index, _ = read_store(demo_work / "demo" / "embeddings" / "test_efficientnet")
-    frame = sample_rows(index, None, 1)
-    y = frame["category"].to_numpy()
-    group = make_splits(train_cfg(demo_work), frame, y)  # split=auto is group for the pinterest layout
-    assert group.name == "group" and group.grouped
-    (tr, te), = group.folds
-    boards = board_keys(frame)
-    assert not set(boards[tr]) & set(boards[te])  # no board on both sides
-    assert set(y[te]) == set(y) and 0.15 < len(te) / len(y) < 0.5
-    rnd = make_splits(train_cfg(demo_work, "split=random"), frame, y)
-    (tr, te), = rnd.folds
-    assert abs(len(te) - 0.2 * len(y)) <= 1 and len(tr) + len(te) == len(y)
-    kf = make_splits(train_cfg(demo_work, "split=kfold", "split.folds=3"), frame, y)
-    assert len(kf.folds) == 3 and sorted(np.concatenate([te for _, te in kf.folds])) == list(range(len(y)))
-    for tr, te in kf.folds:  # by board for the pinterest layout
-        assert not set(boards[tr]) & set(boards[te])
-    pre = make_splits(train_cfg(demo_work, "split=predefined", "split.test_value=chen"), frame, y)
-    (tr, te), = pre.folds
-    assert set(frame["user"].to_numpy()[te]) == {"chen"} and "chen" not in set(frame["user"].to_numpy()[tr])
-    with pytest.raises(UserError, match="split=predefined: 0 of 145 rows have user == 'nobody'"):
-        make_splits(train_cfg(demo_work, "split=predefined", "split.test_value=nobody"), frame, y)
-    # a category with a single board is reported and kept out of test
-    one = frame[~((frame.category == "ocean") & (frame.board != "ocean_waves"))].reset_index(drop=True)
-    s = make_splits(train_cfg(demo_work), one, one["category"].to_numpy())
-    assert s.info["single_board_categories"] == ["ocean"]
-    assert "ocean" not in set(one["category"].to_numpy()[s.folds[0][1]])
-
-
 def test_kfold_metrics_have_std(demo_work):
     r = train(train_cfg(demo_work, "classifier=logreg", "classifier.grid.C=[1]", "split=kfold", "split.folds=3",
                         "mlflow.enabled=false"))
@@ -162,66 +130,27 @@ def test_same_config_same_metrics(demo_work):
     assert {k: v for k, v in a.items() if k not in timings} == {k: v for k, v in b.items() if k not in timings}
 
 
-def test_report_compares_runs_of_one_protocol(demo_work, tmp_path):
-    """Each run logs how its inner folds were made and its protocol; report's cell for (backbone, knn) takes the
-    default protocol's run (split by board) even though a later run with a leaky split and a leaky inner CV
-    scored at least as high on CV, and says how many runs of other protocols it left out."""
-    exp = ["mlflow.experiment=protocols", "train.log_pipeline=false"]
-    # the default protocol's run is made weak on purpose (one PCA component; preprocessing is not part of the
-    # protocol), so that the leaky run's CV score is the higher one
-    fair = train(train_cfg(demo_work, "classifier=knn", "classifier.grid.k=[1,5]", "preprocess.steps=[l2,pca]",
-                           "preprocess.pca_components=1", *exp))
-    train(train_cfg(demo_work, "classifier=svm", "classifier.grid.C=[1]", *exp))
-    leaky = train(train_cfg(demo_work, "classifier=knn", "classifier.grid.k=[1,5]", "split=stratified",
-                            "split.inner=stratified", *exp))
-    assert fair["params"]["inner_cv"] == "2-fold by board" and fair["params"]["split"] == "group"
-    m = fair["metrics"]
-    for key in ("test_accuracy", "test_f1_macro"):
-        assert 0 <= m[key + "_ci_low"] <= m[key] <= m[key + "_ci_high"] <= 1  # (the demo is easy: often 1.0)
-    assert fair["params"]["ci"] == "95% percentile bootstrap, 1000 resamples of the test boards"
-    assert leaky["params"]["inner_cv"] == "5-fold by pin (split.inner=stratified: board-mates on both sides, leaky)"
-    assert leaky["metrics"]["cv_f1_macro"] > fair["metrics"]["cv_f1_macro"]  # the leaky run would win the cell
-    client = mlflow.MlflowClient(f"sqlite:///{demo_work}/mlflow.db")
-    assert client.get_run(leaky["run_id"]).data.tags["leaky_inner_cv"] == "true"
-    assert "leaky_inner_cv" not in client.get_run(fair["run_id"]).data.tags
-    result = report(make_cfg("report", [f"paths.work={demo_work}", "mlflow.experiment=protocols"]))
-    assert result["protocol"] == fair["params"]["protocol"]
-    assert result["protocol"].startswith("split=group test_size=0.2 seed=1; cap=3000 seed=1; inner CV by board; "
-                                         "repins drop, exact; rows ")
-    best = result["best"].set_index("classifier")
-    assert set(best.index) == {"knn", "svm"} and best.loc["knn", "run_id"] == fair["run_id"]
-    assert result["tables"]["test_f1_macro"].loc["test_efficientnet", "knn"] == \
-        pytest.approx(fair["metrics"]["test_f1_macro"])
-    assert dict(result["other_protocols"]) == {leaky["params"]["protocol"]: 1}
-    out = result["dir"]
-    for f in ("report.md", "runs.csv", "test_f1_macro.csv", "test_f1_macro.png", "test_accuracy.png"):
-        assert (out / f).stat().st_size > 0
-    md = (out / "report.md").read_text()
-    assert f"Protocol: `{fair['params']['protocol']}`" in md
-    assert "1 runs of other protocols are not shown" in md and "inner CV by pin, leaky" in md
-    knn_f1 = (f"{m['test_f1_macro']:.4f} [{m['test_f1_macro_ci_low']:.4f}, {m['test_f1_macro_ci_high']:.4f}]")
-    assert f"| test_efficientnet | {knn_f1} |" in md  # the cell with its interval (knn is the first column)
-    runs_csv = pd.read_csv(out / "runs.csv")
-    assert {"backbone", "classifier", "split", "run_id", "protocol", "test_f1_macro_ci_low"} <= set(runs_csv.columns)
-    # the leaky protocol can be shown on its own, by name
-    alone = report(make_cfg("report", [f"paths.work={demo_work}", "mlflow.experiment=protocols",
-                                       f"report.protocol='{leaky['params']['protocol']}'"]))
-    assert list(alone["best"]["run_id"]) == [leaky["run_id"]]
-
-
-def test_errors(demo_work, tmp_path):
+def test_train_without_a_store_names_the_extract_command(tmp_path):
     proc = run_verb("train", f"paths.work={tmp_path / 'empty'}", "backbone=convnext_base", cwd=tmp_path)
     assert proc.returncode == 2 and "no embeddings for backbone convnext_base" in proc.stderr
     assert f"run first: python -m pinterest_cls.extract backbone=convnext_base paths.work={tmp_path / 'empty'}" \
         in proc.stderr and "Traceback" not in proc.stderr
-    with pytest.raises(UserError, match=r"classifier.grid.C=-1 is invalid for LinearSVC"):
-        train(train_cfg(demo_work, "classifier.grid.C=[1,-1]", "mlflow.enabled=false"))
-    with pytest.raises(UserError, match=r"classifier.grid.k=0 is invalid for FaissKNN: "
-                                        r"The .k. parameter of FaissKNN must be an int in the range \[1, inf\)"):
-        train(train_cfg(demo_work, "classifier=knn", "classifier.grid.k=[0]", "mlflow.enabled=false"))
-    with pytest.raises(UserError, match=r"classifier.grid.gamma: LinearSVC has no parameter 'gamma'"):
-        train(train_cfg(demo_work, "+classifier.grid.gamma=[1]", "mlflow.enabled=false"))
-    # only one category left: the other's images are all unreadable
+
+
+@pytest.mark.parametrize("args,message", [
+    (["classifier.grid.C=[1,-1]"], r"classifier.grid.C=-1 is invalid for LinearSVC"),
+    (["classifier=knn", "classifier.grid.k=[0]"],
+     r"classifier.grid.k=0 is invalid for FaissKNN: The .k. parameter of FaissKNN must be an int in the range "
+     r"\[1, inf\)"),
+    (["+classifier.grid.gamma=[1]"], r"classifier.grid.gamma: LinearSVC has no parameter 'gamma'"),
+])
+def test_a_bad_grid_is_a_one_line_error_naming_the_key(demo_work, args, message):
+    with pytest.raises(UserError, match=message):
+        train(train_cfg(demo_work, *args, "mlflow.enabled=false"))
+
+
+def test_a_single_category_left_is_an_error(tmp_path):
+    """The other category's images are all unreadable: a classifier needs two."""
     root = tmp_path / "one"
     for i in range(4):
         write_image(root / "cats" / f"{i}.jpg", seed=i)

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def flagged(folder: Path, frame: pd.DataFrame, kinds: list[str], rows_sha256: str) -> tuple[np.ndarray, dict]:
     """(mask over ``frame``'s pins that the audit in ``folder`` flags for any of ``kinds``, pins per kind).
-    The audit must have been made on this store (same rows); else a :class:`UserError` says to re-run it."""
+    The audit must have been made on this store (same rows); else a ``UserError`` says to re-run it."""
     unknown = sorted(set(kinds) - set(EXCLUDABLE))
     if unknown:
         raise UserError(f"audit.exclude: unknown {', '.join(unknown)}; choose from {', '.join(EXCLUDABLE)}")

@@ -1,7 +1,7 @@
 """What is wrong with the data: copies of a pin (repins), pins whose board's category is likely wrong, boards
 that drifted off their topic, and pins far from everything, computed over a finished embedding store.
 
-- One cosine k-nearest-neighbour graph (:class:`~pinterest_cls.neighbors.faiss_index.FaissNeighbors`, exact or IVF, read
+- One cosine k-nearest-neighbour graph (``pinterest_cls.neighbors.faiss_index.FaissNeighbors``, exact or IVF, read
   block by block from the memory map) serves the near copies and the outlier scores; exact copies come from the
   scan's content digests.
 - Label issues come from out-of-fold predicted probabilities: a logistic regression on the L2-normalised
@@ -72,7 +72,7 @@ class Findings:
 def board_folds(categories: np.ndarray, groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     """The fold of each pin: each category's boards (``groups``) are dealt round-robin, in a seeded order, over
     ``n_folds`` folds, so every fold's training side holds at least one board of every category. A category
-    needs two boards; fewer is a :class:`UserError` naming them."""
+    needs two boards; fewer is a ``UserError`` naming them."""
     frame = pd.DataFrame({"category": categories, "group": groups})
     per_cat = frame.groupby("category")["group"].nunique()
     single = sorted(map(str, per_cat.index[per_cat < 2]))

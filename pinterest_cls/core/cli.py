@@ -5,7 +5,7 @@
 - configuration mistakes (an unknown key or group, a group option that does not exist, a value of the wrong
   type) stopped before Hydra starts, with one line naming the key and the closest valid names, exit status 2,
   as the project's own errors;
-- a :class:`~pinterest_cls.core.errors.UserError` raised by the verb printed as one line, exit status 2, and the
+- a ``pinterest_cls.core.errors.UserError`` raised by the verb printed as one line, exit status 2, and the
   Hydra job folder removed again when the job wrote nothing into it.
 """
 
@@ -131,7 +131,7 @@ def verb_help(config_name: str, doc: str) -> str:
         options = group_options(group.lstrip("+"))
         lines.append(f"  {group}: {', '.join(options)}" + (f"  (default: {default})" if len(options) > 1 and default
                                                            else ""))
-    lines += ["", f"Keys of {config_name} (conf/{config_name}.yaml; shared keys: README, 'Configuration keys'):", "",
+    lines += ["", f"Keys of {config_name} (conf/{config_name}.yaml; shared keys: docs/configuration.md):", "",
               "  " + own.replace("\n", "\n  "), "",
               "--cfg job prints the resolved configuration; --hydra-help shows Hydra's own options."]
     return "\n".join(lines)
@@ -144,7 +144,7 @@ def _did_you_mean(name: str, candidates, prefix: str = "") -> str:
 
 
 def check_overrides(config_name: str, args: list[str]) -> None:
-    """Raise a one-line :class:`UserError` for an override the verb would not run with: an unknown group
+    """Raise a one-line ``UserError`` for an override the verb would not run with: an unknown group
     option, a key the config does not have (also when added with ``+``), or a value Hydra cannot compose."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException

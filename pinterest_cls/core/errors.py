@@ -1,4 +1,4 @@
-"""User-facing errors: the command line (:mod:`pinterest_cls.core.cli`) prints them as one line and exits 2."""
+"""User-facing errors: the command line (``pinterest_cls.core.cli``) prints them as one line and exits 2."""
 
 from __future__ import annotations
 

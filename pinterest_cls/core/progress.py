@@ -14,5 +14,5 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, leave: 
 
 
 def bar_factory(enabled: bool) -> Callable[[int, str, str], object]:
-    """``factory(total, desc, unit)`` -> a :func:`progress_bar`, for library code that draws several bars."""
+    """``factory(total, desc, unit)`` -> a ``progress_bar``, for library code that draws several bars."""
     return lambda total, desc, unit: progress_bar(total, desc, unit, enabled)

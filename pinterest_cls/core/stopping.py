@@ -34,7 +34,7 @@ class StopRequest:
     def stopped(self, done: str) -> None:
         """Answer the request once the work is committed (``done`` says what was): hand the signal to the
         handler that was there before (submitit's: on SIGUSR2 it requeues the job and exits), then raise
-        :class:`Stopped`."""
+        ``Stopped``."""
         name = signal.Signals(self.signum).name
         log.warning(f"{name}: stopped after committing {done}; the same command resumes from there")
         before = self.previous.get(self.signum)

@@ -3,7 +3,7 @@
 At thousands of images/s a GPU outruns CPU workers that decode JPEGs (about 3.6 ms of one core per 736x1100
 pin, decode in draft mode plus resize). Here a DataLoader worker reads the file and looks at its header only;
 the main process decodes the whole batch in one nvJPEG call (TorchCodec's ``decode_jpeg``, or torchvision's:
-:func:`jpeg_decoder`) and resizes and crops each image on the GPU with the backbone's own preprocessing.
+``jpeg_decoder``) and resizes and crops each image on the GPU with the backbone's own preprocessing.
 
 nvJPEG decodes baseline JPEGs, upsampling 4:2:0 chroma differently from libjpeg (features agree with the CPU
 path at a mean row cosine of about 0.999, not bit for bit: experiments/throughput/README.md). Every other file
@@ -139,7 +139,7 @@ def decode_batch(datas: list[torch.Tensor], device: torch.device, decoder=None) 
 
 
 class GpuDecoder:
-    """The main process's half of ``extract.decode=gpu``: turns a batch from :func:`data.loader.collate_encoded`
+    """The main process's half of ``extract.decode=gpu``: turns a batch from ``data.loader.collate_encoded``
     into one uint8 batch per backbone on the device, rows in order. Files nvJPEG refuses are decoded on the
     CPU path here, and fail for their own row if that fails too. ``counts``: rows decoded on each side."""
 

@@ -37,7 +37,7 @@ class Verdict:
 
 @contextlib.contextmanager
 def _pillow_limits(allow_truncated: bool):
-    """Our own pixel check (in :func:`_open_checked`) decides instead of Pillow's global limit, and
+    """Our own pixel check (in ``_open_checked``) decides instead of Pillow's global limit, and
     truncated files raise unless allowed. Restores Pillow's globals on exit."""
     old_truncated, old_max = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
     ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
@@ -61,7 +61,7 @@ def _describe(exc: BaseException, fmt: str | None) -> str:
 
 
 def _decode_error(exc: Exception, fmt: str | None) -> ImageDecodeError:
-    """The :class:`ImageDecodeError` a decoding failure is reported as."""
+    """The ``ImageDecodeError`` a decoding failure is reported as."""
     if isinstance(exc, ImageDecodeError):
         return exc
     if isinstance(exc, FileNotFoundError):
@@ -181,7 +181,7 @@ def load_rgb(
     ``min_size``: the smallest side length the caller will resize to. JPEGs are then decoded in draft
     mode at the largest DCT reduction (1/2, 1/4, 1/8) that keeps both sides >= ``min_size``, which is
     several times faster for large pins and changes the result only by the resampling filter.
-    Animated images give their first frame. Raises :class:`ImageDecodeError` with a reason.
+    Animated images give their first frame. Raises ``ImageDecodeError`` with a reason.
     """
     fmt = None
     try:
@@ -213,7 +213,7 @@ def load_rgb_variants(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[Image.Image]:
-    """:func:`load_rgb` for several ``min_size`` values at once (one per backbone), decoding the file only
+    """``load_rgb`` for several ``min_size`` values at once (one per backbone), decoding the file only
     once per distinct JPEG draft reduction among them — usually once. Each returned image is exactly the
     one ``load_rgb(path, min_size=m)`` gives, so a backbone sees the same pixels as in a run of its own."""
     if len(set(min_sizes)) <= 1:

@@ -1,4 +1,4 @@
-"""The layouts of an export: walkers that list its candidate pins (``data.layout`` -> :data:`WALKERS`)."""
+"""The layouts of an export: walkers that list its candidate pins (``data.layout`` -> ``WALKERS``)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ class PinDataset(Dataset):
     ``transforms``: one transform, or a list of them (one per backbone: the pin is decoded once and each
     transform resizes that image for its backbone); ``min_size``: the shorter side each transform resizes to
     (an int, or a list matching ``transforms``), the JPEG draft target. With several transforms the file is
-    decoded once per distinct draft reduction among them (:func:`load_rgb_variants`), so each backbone gets
+    decoded once per distinct draft reduction among them (``load_rgb_variants``), so each backbone gets
     exactly the pixels a run of its own would. Backbones with the same preprocessing (same transform and draft
     target, e.g. the ConvNeXt family) share one resized tensor.
     """
@@ -132,8 +132,8 @@ def _ignore_stop_signals(worker_id: int) -> None:
 def make_loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool, prefetch_factor: int = 4,
                 shuffle: bool = False, generator: torch.Generator | None = None, drop_last: bool = False
                 ) -> DataLoader:
-    """The package's one DataLoader factory. Worker processes (started with :func:`core.fileio.mp_context`, kept
-    between epochs) decode and resize; the main process only runs the model. A :class:`PinDataset` gets its own
+    """The package's one DataLoader factory. Worker processes (started with ``core.fileio.mp_context``, kept
+    between epochs) decode and resize; the main process only runs the model. A ``PinDataset`` gets its own
     collate (failed rows travel beside the batch); other datasets (finetune's) PyTorch's default. In order
     unless ``shuffle``, whose order ``generator`` seeds."""
     workers = max(0, int(workers))

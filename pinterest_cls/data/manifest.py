@@ -1,4 +1,4 @@
-"""The manifest: an export's candidate pins (:mod:`pinterest_cls.data.layouts`), each verified by decoding it, as
+"""The manifest: an export's candidate pins (``pinterest_cls.data.layouts``), each verified by decoding it, as
 ``manifest.parquet`` with ``categories.json`` and ``scan_report.json``; and reading it back.
 
 The manifest is the single list of pins every later verb reads: one row per pin, in a deterministic order

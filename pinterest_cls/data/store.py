@@ -6,7 +6,7 @@ then a small progress record is atomically replaced. After a kill at any moment 
 last commit; because batches are aligned to multiples of the batch size from row 0, every row is computed in
 the same batch as in an uninterrupted single-process run, so the result is bitwise identical.
 
-``meta.json`` is read in one place, :func:`read_meta`, into a :class:`StoreMeta`: typed fields with their
+``meta.json`` is read in one place, ``read_meta``, into a ``StoreMeta``: typed fields with their
 defaults, and a ``format_version``. A store written before format versions were recorded (format 0) is migrated
 on reading: the keys added since get the values those stores were made with. A store of a newer format than
 this code knows is refused, with the command that re-extracts it.
@@ -226,7 +226,7 @@ class ExtractRecord:
 
 @dataclass(frozen=True)
 class StoreMeta:
-    """A store's ``meta.json``: the fields code reads, typed, and the whole record (:meth:`to_dict`)."""
+    """A store's ``meta.json``: the fields code reads, typed, and the whole record (``to_dict``)."""
 
     backbone: str
     rows: int
@@ -262,7 +262,7 @@ class StoreMeta:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = META) -> StoreMeta:
-        """``raw`` (a ``meta.json``) migrated to :data:`FORMAT_VERSION` and typed; ``source`` names it in errors."""
+        """``raw`` (a ``meta.json``) migrated to ``FORMAT_VERSION`` and typed; ``source`` names it in errors."""
         version = int(raw.get("format_version", 0))
         if version > FORMAT_VERSION:
             raise UserError(f"{source} is of store format {version}, newer than this pinterest_cls reads "
@@ -322,7 +322,7 @@ class Store:
         return self.pins[self.pins["embedded"]].reset_index(drop=True)
 
     def vectors_of(self, pins: pd.DataFrame) -> np.ndarray:
-        """float32 vectors of ``pins`` (rows of :attr:`pins`); only those rows are read from disk."""
+        """float32 vectors of ``pins`` (rows of ``pins``); only those rows are read from disk."""
         return np.asarray(self.vectors[pins["row"].to_numpy()], dtype=np.float32)
 
     def find_pin(self, pin: str, key: str = "pin") -> int:
@@ -344,7 +344,7 @@ class Store:
 
 
 def open_store(folder: str | Path) -> Store:
-    """Read the store in ``folder`` back (any state; :attr:`StoreMeta.complete` says whether it is finished)."""
+    """Read the store in ``folder`` back (any state; ``StoreMeta.complete`` says whether it is finished)."""
     folder = Path(folder)
     meta = read_meta(folder)
     return Store(folder, np.load(folder / EMBEDDINGS, mmap_mode="r"), pd.read_parquet(folder / INDEX), meta)

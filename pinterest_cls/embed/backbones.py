@@ -1,7 +1,7 @@
-"""Backbones: a registered name (:mod:`pinterest_cls.embed.registry`), any timm model, or raw pixels, built into
+"""Backbones: a registered name (``pinterest_cls.embed.registry``), any timm model, or raw pixels, built into
 a feature model with the right weights, pooling and preprocessing.
 
-``build_backbone(cfg.backbone)`` returns a :class:`Backbone`: a module mapping uint8 image batches (B, 3, H, W)
+``build_backbone(cfg.backbone)`` returns a ``Backbone``: a module mapping uint8 image batches (B, 3, H, W)
 to features (B, D) — normalisation included, so a loader only has to deliver resized uint8 pixels — plus the
 transform that produces those pixels from a PIL image, and a description for ``meta.json``.
 """
@@ -114,7 +114,7 @@ def with_defaults(bcfg) -> DictConfig:
 
 def build_backbone(bcfg) -> Backbone:
     """Build the backbone described by the ``backbone`` config group (see conf/backbone/): ``backbone.kind`` is
-    looked up in :data:`KINDS`, where every registered name builds its timm model."""
+    looked up in ``KINDS``, where every registered name builds its timm model."""
     bcfg = with_defaults(bcfg)
     kind = str(bcfg.get("kind") or bcfg.get("name"))
     if kind not in KINDS:
@@ -138,7 +138,7 @@ def _pixels(bcfg, pool: str) -> Backbone:
 
 
 def _timm(bcfg, pool: str) -> Backbone:
-    """Any timm model (``kind: timm``) or a registered one (its :class:`Spec` gives the defaults)."""
+    """Any timm model (``kind: timm``) or a registered one (its ``Spec`` gives the defaults)."""
     spec = REGISTRY.get(str(bcfg.get("kind") or bcfg.get("name")))
     model_id = timm_model_of(bcfg)
     model, weights_info = create_timm(model_id, bcfg, spec)

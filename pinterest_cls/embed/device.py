@@ -45,7 +45,7 @@ def resolve_amp(amp: str, device: torch.device, key: str = "extract.amp", traini
 
     On CUDA, fp16 keeps the features within a row cosine of 0.999 of fp32 while bf16 does not (measured on an
     H100 with efficientnet_lite0's real weights on real photos: fp16 >= 0.999, bf16 down to 0.993;
-    tests/test_gpu.py), at the same speed; an fp16 overflow stops the run (:class:`Runner`) rather than
+    tests/test_gpu.py), at the same speed; an fp16 overflow stops the run (``Runner``) rather than
     storing infinities."""
     amp = str(amp)
     if amp not in ("auto", "off", "fp32", "bf16", "fp16"):

@@ -95,9 +95,9 @@ class Embedder:
 def embed_images(backbone, paths: list[str], *, batch_size: int = 64, workers: int | None = None,
                  progress: bool = False, **settings) -> tuple[np.ndarray, list[str]]:
     """``paths`` embedded once: (features, len(paths) x D float32, zeros where a file failed; a reason per path,
-    "" where it was embedded). ``backbone``: a :class:`~pinterest_cls.embed.backbones.Backbone`, a name from
-    ``conf/backbone/`` or a backbone config (built with :func:`~pinterest_cls.embed.backbones.build_backbone`);
-    ``settings``: those of :class:`Embedder` (``device``, ``amp``, ``runtime``, ...).
+    "" where it was embedded). ``backbone``: a ``pinterest_cls.embed.backbones.Backbone``, a name from
+    ``conf/backbone/`` or a backbone config (built with ``pinterest_cls.embed.backbones.build_backbone``);
+    ``settings``: those of ``Embedder`` (``device``, ``amp``, ``runtime``, ...).
 
     >>> features, reasons = embed_images("efficientnet_lite0", ["a.jpg", "b.jpg"])
     """

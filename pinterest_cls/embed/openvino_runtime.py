@@ -1,7 +1,7 @@
 """The OpenVINO runtime (``extract.runtime=openvino``): a backbone converted with ``openvino.convert_model`` and
 compiled for the CPU, in place of eager PyTorch.
 
-- **Precision** follows the one policy of :func:`embed.device.resolve_amp`: bf16 where the CPU computes it natively,
+- **Precision** follows the one policy of ``embed.device.resolve_amp``: bf16 where the CPU computes it natively,
   else f32; a forced precision the CPU plugin does not run is an error, never a silent change.
 - **Throughput.** The model is compiled with a fixed request shape of ``request_rows`` pins (static shapes are
   OpenVINO's fast path) under the THROUGHPUT hint; a batch is split into requests of that many rows (the last
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "openvino")
 INSTALL = 'pip install -e ".[openvino]" (or pip install openvino)'
-#: OpenVINO's name for each precision of :func:`embed.device.amp_name`
+#: OpenVINO's name for each precision of ``embed.device.amp_name``
 OV_PRECISION = {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}
 
 
@@ -120,7 +120,7 @@ def convert(model: torch.nn.Module, shape: tuple[int, ...], name: str):
 
 class OpenVINORunner:
     """Runs a feature model (uint8 (B, 3, H, W) -> (B, D)) compiled by OpenVINO for the CPU; the same interface
-    as :class:`embed.runner.Runner`. ``precision``: ``bf16`` | ``fp16`` | ``fp32`` (:func:`embed.device.amp_name`);
+    as ``embed.runner.Runner``. ``precision``: ``bf16`` | ``fp16`` | ``fp32`` (``embed.device.amp_name``);
     ``threads``: the CPU threads of all streams together (None: torch's current number)."""
 
     micro_batch = None  # the request shape plays its part

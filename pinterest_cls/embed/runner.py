@@ -1,4 +1,4 @@
-"""Running a feature model on batches: eager PyTorch (:class:`Runner`) or OpenVINO, chosen by :func:`make_runner`."""
+"""Running a feature model on batches: eager PyTorch (``Runner``) or OpenVINO, chosen by ``make_runner``."""
 
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ class Runner:
 def make_runner(backbone, device: torch.device, amp: torch.dtype | None, runtime: str = "torch",
                 channels_last: bool = True, compile_: bool = False, micro_batch: int | None = None,
                 request_rows: int | None = None):
-    """The runner of ``backbone``'s model: :class:`Runner` (eager PyTorch, optionally compiled) or, for
-    ``runtime="openvino"``, :class:`embed.openvino_runtime.OpenVINORunner` with ``request_rows`` pins per request."""
+    """The runner of ``backbone``'s model: ``Runner`` (eager PyTorch, optionally compiled) or, for
+    ``runtime="openvino"``, ``embed.openvino_runtime.OpenVINORunner`` with ``request_rows`` pins per request."""
     if runtime == "openvino":
         size = int(backbone.info["input_size"])
         if request_rows is None:

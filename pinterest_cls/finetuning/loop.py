@@ -250,7 +250,7 @@ class FoldRuns:
 
 
 def fit_folds(cfg, src: Source, folds: list, out: Path, look_at_test: bool) -> FoldRuns:
-    """:func:`fit_one` on each fold of :func:`split_indices`, each best checkpoint saved in ``out``."""
+    """``fit_one`` on each fold of ``split_indices``, each best checkpoint saved in ``out``."""
     runs = FoldRuns()
     for f, (tr, va, test, name) in enumerate(folds):
         ckpt = out / (f"fold{f + 1}_best.pt" if len(folds) > 1 else "model_best.pt")

@@ -1,4 +1,4 @@
-"""Where finetune's images come from: IDX files, .npz arrays or a scanned export (``data.kind`` -> :data:`SOURCES`)."""
+"""Where finetune's images come from: IDX files, .npz arrays or a scanned export (``data.kind`` -> ``SOURCES``)."""
 
 from __future__ import annotations
 

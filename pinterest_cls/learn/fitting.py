@@ -59,7 +59,7 @@ def preprocess_name(cfg: DictConfig) -> str:
 
 
 def build_pipeline(cfg: DictConfig, n_features: int, n_train: int):
-    """``preprocess.steps`` (each looked up in :data:`PREPROCESS`), then ``classifier.estimator``, as one
+    """``preprocess.steps`` (each looked up in ``PREPROCESS``), then ``classifier.estimator``, as one
     scikit-learn Pipeline."""
     from sklearn.pipeline import Pipeline
 
@@ -121,7 +121,7 @@ def fit_grid(cfg: DictConfig, X, y, frame: pd.DataFrame, grouped: bool):
 
 @dataclass
 class FoldResults:
-    """What :func:`fit_and_test` gives back: per-fold test metrics (and the inner CV score), every test pin's
+    """What ``fit_and_test`` gives back: per-fold test metrics (and the inner CV score), every test pin's
     prediction, and the grid search whose best estimator is the run's model."""
 
     fold_metrics: list[dict]

@@ -74,7 +74,7 @@ def bootstrap_ci(truth, pred, groups=None, n_boot: int = 1000, level: float = 0.
     """95 % percentile bootstrap intervals of accuracy and macro F1: ``{"accuracy": (low, high), "f1_macro":
     (low, high)}``. With ``groups`` (the board of each test pin) whole groups are resampled, since board-mates
     are not independent: resampling pins would understate the uncertainty. Macro F1 is over the labels present
-    in ``truth``, as :func:`classification_metrics` computes it."""
+    in ``truth``, as ``classification_metrics`` computes it."""
     truth, pred = np.asarray(truth).astype(str), np.asarray(pred).astype(str)
     labels = np.unique(truth)
     t = np.searchsorted(labels, truth)

@@ -45,7 +45,7 @@ def repins_settings(mode: str, threshold, keep_one: bool = False) -> str:
 
 
 def protocol(settings: str, rows_sha256: str) -> str:
-    """A run's protocol: :func:`protocol_settings` plus the identity of the embedded rows."""
+    """A run's protocol: ``protocol_settings`` plus the identity of the embedded rows."""
     return f"{settings}; rows {rows_sha256[:10]}"
 
 

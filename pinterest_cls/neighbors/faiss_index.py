@@ -2,16 +2,16 @@
 
 The policy (one set of constants, measured in ``experiments/neighbors/README.md``):
 
-- up to :data:`EXACT_MAX` rows, exact search: a flat index (inner product, or L2);
-- above, an inverted file (IVF) of :func:`ivf_lists` = 4 sqrt(n) lists (at least :data:`MIN_TRAIN_PER_LIST`
-  training rows per list), trained on a seeded sample of :data:`TRAIN_PER_LIST` rows per list, holding 8-bit
-  scalar-quantised codes (a million 1280-d rows in 1.3 GB), searched :data:`NPROBE` lists per query.
+- up to ``EXACT_MAX`` rows, exact search: a flat index (inner product, or L2);
+- above, an inverted file (IVF) of ``ivf_lists`` = 4 sqrt(n) lists (at least ``MIN_TRAIN_PER_LIST``
+  training rows per list), trained on a seeded sample of ``TRAIN_PER_LIST`` rows per list, holding 8-bit
+  scalar-quantised codes (a million 1280-d rows in 1.3 GB), searched ``NPROBE`` lists per query.
 
-Its users: the kNN classifier (:class:`~pinterest_cls.learn.estimators.FaissKNN`), k-means' assignment
-(:class:`~pinterest_cls.learn.estimators.FaissKMeans`), ``search`` (:func:`load_or_build`, saved beside the store),
-and the neighbour graph of ``audit`` and of repins (:class:`FaissNeighbors`). No N x N matrix is ever built.
+Its users: the kNN classifier (``pinterest_cls.learn.estimators.FaissKNN``), k-means' assignment
+(``pinterest_cls.learn.estimators.FaissKMeans``), ``search`` (``load_or_build``, saved beside the store),
+and the neighbour graph of ``audit`` and of repins (``FaissNeighbors``). No N x N matrix is ever built.
 
-:class:`FaissNeighbors` answers like scikit-learn's ``NearestNeighbors`` (``n_neighbors``, ``metric``,
+``FaissNeighbors`` answers like scikit-learn's ``NearestNeighbors`` (``n_neighbors``, ``metric``,
 ``kneighbors``), so that libraries that take a fitted neighbour object (cleanlab's outlier scores) use this graph
 instead of building their own.
 """
@@ -90,7 +90,7 @@ def ivf_lists(n: int) -> int:
 
 
 def policy_kind(n: int) -> str:
-    """``flat`` (exact) up to :data:`EXACT_MAX` rows, else ``ivf``."""
+    """``flat`` (exact) up to ``EXACT_MAX`` rows, else ``ivf``."""
     return "flat" if n <= EXACT_MAX else "ivf"
 
 
@@ -128,14 +128,14 @@ def _hnsw(d: int, n: int, metric: str, train: Callable[[int], np.ndarray]):
     return index, f"hnsw{HNSW_M} ef={HNSW_EF_SEARCH}"
 
 
-#: An index kind -> its builder; ``auto`` is the policy (:func:`policy_kind`).
+#: An index kind -> its builder; ``auto`` is the policy (``policy_kind``).
 KINDS: dict[str, Callable] = {"flat": _flat, "ivf": _ivf, "hnsw": _hnsw}
 
 
 def build_index(X, rows: np.ndarray | None = None, metric: str = "ip", kind: str = "auto",
                 normalize: bool = False, seed: int = 0, block: int = 8192, key: str = "index"):
     """(faiss index over ``X`` (or ``X[rows]``; a memory map is read in blocks), description). ``kind``: ``auto``
-    (the policy), or one of :data:`KINDS`; ``normalize``: index the rows at unit length (cosine on ``ip``);
+    (the policy), or one of ``KINDS``; ``normalize``: index the rows at unit length (cosine on ``ip``);
     ``key`` names the setting in errors."""
     n = len(X) if rows is None else len(rows)
     if n == 0:

@@ -19,7 +19,7 @@ from pinterest_cls.serving.model_io import load_run
 
 class EndToEnd:
     """Image paths -> predictions, with a fitted classifier pipeline and the meta of the store it was
-    trained on (:func:`load_pipeline` loads both from a train run).
+    trained on (``load_pipeline`` loads both from a train run).
 
     >>> model = load_pipeline("<run id>", "sqlite:///work/mlflow.db")
     >>> model.predict_paths(["a.jpg"])[["prediction", "score", "status"]]
@@ -80,6 +80,6 @@ def collect_inputs(spec: str, image_name: str = "pin_closeup_image.jpg") -> list
 
 def load_pipeline(run_id: str, tracking_uri: str = "sqlite:///work/mlflow.db", **settings) -> EndToEnd:
     """The end-to-end model of the train run ``run_id`` in the MLflow store ``tracking_uri`` (``settings``: those
-    of :class:`EndToEnd`: ``top_k``, ``batch_size``, ``workers``, ``device``)."""
+    of ``EndToEnd``: ``top_k``, ``batch_size``, ``workers``, ``device``)."""
     classifier, meta = load_run(tracking_uri, run_id)
     return EndToEnd(classifier, meta, **settings)

@@ -53,7 +53,7 @@ TRUSTED_TYPES = ["pinterest_cls.learn.estimators.FaissKNN", "pinterest_cls.learn
 
 def skops_bytes(classifier) -> bytes:
     """The fitted classifier in skops' format (no arbitrary code runs when it is loaded), refusing a type
-    outside :data:`TRUSTED_TYPES` that skops would not load."""
+    outside ``TRUSTED_TYPES`` that skops would not load."""
     import skops.io
 
     data = skops.io.dumps(classifier)
@@ -72,7 +72,7 @@ def load_classifier(path: str | Path):
 
 def log_model(model) -> None:
     """The fitted pipeline via mlflow.sklearn in skops' format (loads back with mlflow.sklearn.load_model,
-    trusting only :data:`TRUSTED_TYPES`)."""
+    trusting only ``TRUSTED_TYPES``)."""
     import mlflow.sklearn
     import sklearn
 

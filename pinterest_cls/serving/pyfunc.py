@@ -1,5 +1,5 @@
 """The served model: a train run's classifier with the backbone that made its features, as one MLflow pyfunc model
-(``pipeline``) built from code (:data:`PYFUNC_CODE`), so that ``mlflow models serve`` classifies images."""
+(``pipeline``) built from code (``PYFUNC_CODE``), so that ``mlflow models serve`` classifies images."""
 
 from __future__ import annotations
 

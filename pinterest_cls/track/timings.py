@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def report_shard(done, batch_size: int, run: JobRun | None) -> None:
-    """Write, log and (into ``run``) record ``done``: an :class:`~pinterest_cls.embed.streaming.ShardDone`."""
+    """Write, log and (into ``run``) record ``done``: an ``pinterest_cls.embed.streaming.ShardDone``."""
     backbone, stats, meta = done.backbone, done.stats, done.meta
     timing_csv = done.folder / "timings" / f"{done.tag}.csv"
     timing_csv.parent.mkdir(exist_ok=True)

@@ -7,9 +7,9 @@ therefore holds an exclusive lock on ``<database>.lock`` beside it: the store's 
 creation, the run's creation, and the logging at its end, so jobs wait on each other for seconds, not for their
 computation. An ``http(s)://`` tracking server needs no lock.
 
-A job's run is opened before its work (:func:`mlflow_run`), so the UI shows it running and its Duration is the
-work; what the job logs is written at the end (:meth:`JobRun.logging`). Every run carries the same tags
-(:data:`RUN_TAGS` where they apply), the command line as its description, the embeddings it read as an MLflow
+A job's run is opened before its work (``mlflow_run``), so the UI shows it running and its Duration is the
+work; what the job logs is written at the end (``JobRun.logging``). Every run carries the same tags
+(``RUN_TAGS`` where they apply), the command line as its description, the embeddings it read as an MLflow
 dataset input, and, in a Hydra sweep, the sweep's name and a parent run that groups the sweep's jobs.
 """
 
@@ -121,7 +121,7 @@ def experiment_id(cfg: DictConfig) -> str:
 
 #: The tags every run has where they apply: the verb, the data, and the backbone, classifier and split used.
 RUN_TAGS = ("verb", "data", "backbone", "classifier", "split")
-#: In a sweep folder: the MLflow run that groups the sweep's jobs (written by :class:`SweepRuns`).
+#: In a sweep folder: the MLflow run that groups the sweep's jobs (written by ``SweepRuns``).
 PARENT_FILE = ".mlflow_parent_run"
 
 
@@ -161,7 +161,7 @@ def sweep_tags() -> dict:
 
 
 def _parent_run(uri: str) -> str | None:
-    """The run of the sweep this job belongs to (written by :class:`SweepRuns`), if any, in this store."""
+    """The run of the sweep this job belongs to (written by ``SweepRuns``), if any, in this store."""
     hc = _hydra()
     if not sweep_tags():
         return None
@@ -185,7 +185,7 @@ def embeddings_dataset(folder: Path, fingerprint: dict, name: str):
 
 
 class JobRun:
-    """A job's MLflow run, created when the job starts; :meth:`logging` writes into it at the end."""
+    """A job's MLflow run, created when the job starts; ``logging`` writes into it at the end."""
 
     def __init__(self, cfg: DictConfig | None, run_id: str | None = None, inputs: list | None = None):
         self.cfg, self.run_id, self.inputs, self.ended = cfg, run_id, list(inputs or []), False
@@ -257,8 +257,8 @@ class JobRun:
 @contextlib.contextmanager
 def mlflow_run(cfg: DictConfig, run_name: str, verb: str, tags: dict | None = None,
                embeddings: tuple[Path, dict, str] | None = None):
-    """Open this job's MLflow run now (status RUNNING) and yield a :class:`JobRun`; log into it at the end with
-    ``with run.logging():``. The run gets :data:`RUN_TAGS` (``verb``, ``data`` from the config, the rest from
+    """Open this job's MLflow run now (status RUNNING) and yield a ``JobRun``; log into it at the end with
+    ``with run.logging():``. The run gets ``RUN_TAGS`` (``verb``, ``data`` from the config, the rest from
     ``tags``), the sweep's tags and parent, the command line as description and the resolved config; with
     ``embeddings=(folder, fingerprint, context)`` the store it read as a dataset input. If the block raises, the run
     ends FAILED (KILLED on Ctrl-C). With ``mlflow.enabled=false`` nothing is logged and ``run.enabled`` is
