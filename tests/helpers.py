@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -82,12 +83,26 @@ def serving(args: list[str], port: int, path: str, cwd: Path, env: dict | None =
     starts `uvicorn` from PATH) until http://127.0.0.1:port<path> answers 200; stop it afterwards."""
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
                **(env or {}))
+    with _server([sys.executable, "-m", *args], port, path, cwd, env, timeout) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serving_in_shell(script: str, port: int, path: str, cwd: Path, env: dict | None = None, timeout: float = 120):
+    """Run the shell command ``script`` (as a user types it: ``. .venv/bin/activate && mlflow models serve ...``)
+    as a server, with the caller's environment (no venv on PATH), until http://127.0.0.1:port<path> answers."""
+    with _server(["bash", "-c", script], port, path, cwd, dict(os.environ, **(env or {})), timeout) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _server(cmd: list[str], port: int, path: str, cwd: Path, env: dict, timeout: float):
     # the server's output goes to a file: a pipe nobody reads fills up (64 kB of access log) and blocks the
     # server in the middle of a request
     log_path = Path(cwd) / f"server-{port}.log"
     with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT)
+        server = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server.log_path = log_path
     try:
         deadline = time.time() + timeout
         while True:
@@ -100,9 +115,31 @@ def serving(args: list[str], port: int, path: str, cwd: Path, env: dict | None =
                     raise AssertionError(log_path.read_text(errors="replace")[-3000:]) from None
                 time.sleep(1)
         yield server
-    finally:
-        server.terminate()
+    finally:  # the server and what it started (mlflow starts uvicorn)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of process ``pid`` and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            rss = next(line for line in Path(f"/proc/{p}/status").read_text().splitlines() if line.startswith("VmRSS"))
+            total += int(rss.split()[1]) * 1024
+        except (OSError, StopIteration):
+            continue
+    return total
 
 
 def faults(kill_after: int | None = None, signal_after: tuple[int, int] | None = None,

@@ -144,7 +144,7 @@ def test_predict_errors(trained, tmp_path):
                                      f"inputs={tmp_path / 'nope'}"]))
 
 
-def test_pyfunc_model_loads_and_serves(trained, tmp_path):
+def test_pyfunc_model_loads_and_serves(trained, tmp_path, monkeypatch):
     work, result = trained
     # logging the models warned of nothing: no pickle (skops, a model from code), type hints, an input example
     assert result["mlflow_warnings"] == []
@@ -153,13 +153,15 @@ def test_pyfunc_model_loads_and_serves(trained, tmp_path):
     model_uri = f"runs:/{result['run_id']}/pipeline"
     export = work / "demo" / "export"
     good = sorted(export.glob("alice/per_board/hiking/*/pin_closeup_image.jpg"))[:2]
+    monkeypatch.setenv("PINTEREST_CLS_SERVE_ROOT", str(export))  # path input, inside the export only
     loaded = mlflow.pyfunc.load_model(model_uri)
     out = loaded.predict(pd.DataFrame({"path": [str(p) for p in good]}))
     assert list(out["status"]) == ["ok", "ok"]
 
     port = free_port()
     with serving(["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1",
-                  "-p", str(port)], port, "/ping", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri}):
+                  "-p", str(port)], port, "/ping", cwd=tmp_path,
+                 env={"MLFLOW_TRACKING_URI": uri, "PINTEREST_CLS_SERVE_ROOT": str(export)}):
         def invoke(columns, rows):
             body = json.dumps({"dataframe_split": {"columns": columns, "data": rows}}).encode()
             req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,

@@ -78,7 +78,8 @@ def measure(n: int, dim: int, folder: Path, queries: int, nprobes: list[int], gr
     exact_size = index_bytes(exact)
     del exact
     rows.append({"pins": n, "dim": dim, "index": "flat (exact)", "nprobe": "", "build_s": round(exact_build, 2),
-                 "index_gb": round(exact_size / 1e9, 3), "query_ms_per_1000": round(1000 * exact_query / queries * 1000, 1),
+                 "index_gb": round(exact_size / 1e9, 3),
+                 "query_ms_per_1000": round(1000 * exact_query / queries * 1000, 1),
                  "recall_at_10": 1.0, "policy": "yes" if faiss_index.policy_kind(n) == "flat" else ""})
 
     t0 = time.perf_counter()

@@ -58,14 +58,16 @@ class Embedder:
                                   request_rows=request_rows)
 
     @classmethod
-    def for_store(cls, backbone, meta: StoreMeta, device: str = "auto") -> Embedder:
-        """Embedding new images exactly as the store of ``meta`` embedded its pins."""
+    def for_store(cls, backbone, meta: StoreMeta, device: str = "auto", max_pixels: int | None = None) -> Embedder:
+        """Embedding new images exactly as the store of ``meta`` embedded its pins (``max_pixels``: a pixel limit
+        other than the store's)."""
         ex = meta.extract
         if ex.amp is None:
             log.warning("note: the embeddings' meta.json does not record the precision they were made with (made "
                         "before it was recorded); embedding with extract.amp=auto as resolved on this device")
-        return cls(backbone, device=device, amp=ex.amp or "auto", draft=ex.draft, max_pixels=ex.max_pixels,
-                   dtype=meta.dtype, runtime=ex.runtime, request_rows=ex.request_rows)
+        return cls(backbone, device=device, amp=ex.amp or "auto", draft=ex.draft,
+                   max_pixels=max_pixels or ex.max_pixels, dtype=meta.dtype, runtime=ex.runtime,
+                   request_rows=ex.request_rows)
 
     def __call__(self, paths: list[str], *, batch_size: int = 64, workers: int | None = None,
                  progress: bool = False) -> tuple[np.ndarray, list[str]]:

@@ -26,7 +26,7 @@ class EndToEnd:
     """
 
     def __init__(self, classifier, store_meta: StoreMeta, top_k: int = 3, batch_size: int = 32,
-                 workers: int | None = 0, device: str = "auto"):
+                 workers: int | None = 0, device: str = "auto", max_pixels: int | None = None):
         self.classifier = classifier
         self.meta = store_meta
         self.top_k = top_k
@@ -34,7 +34,15 @@ class EndToEnd:
         self.workers = workers
         self.device = device
         self.backbone = backbone_from_meta(store_meta)
-        self.embedder = Embedder.for_store(self.backbone, store_meta, device)  # its runtime compiled once
+        # built once, its runtime compiled once; ``max_pixels``: a lower pixel limit than the store's (a server's)
+        self.embedder = Embedder.for_store(self.backbone, store_meta, device, max_pixels=max_pixels)
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns of :meth:`predict_paths`'s answer, ``path`` aside."""
+        k = min(self.top_k, len(self.classifier.classes_))
+        return ["prediction", "score", *(f"top{i}_{c}" for i in range(1, k + 1) for c in ("category", "score")),
+                "status", "reason"]
 
     def predict_paths(self, paths: list[str], progress: bool = False) -> pd.DataFrame:
         feats, reasons = self.embedder(paths, batch_size=self.batch_size, workers=self.workers, progress=progress)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 import tempfile
@@ -14,6 +15,8 @@ import pandas as pd
 
 from pinterest_cls.data.store import StoreMeta
 from pinterest_cls.serving.end_to_end import EndToEnd
+from pinterest_cls.serving.http_guard import RequestRefused, install_request_guard
+from pinterest_cls.serving.limits import ServeLimits
 from pinterest_cls.serving.model_io import PIPELINE, load_classifier, skops_bytes
 
 #: The file (models from code) that MLflow runs to build the served model.
@@ -21,29 +24,81 @@ PYFUNC_CODE = Path(__file__).with_name("served_model.py")
 
 
 class PinterestPyfuncModel(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: a DataFrame with column ``path`` (image paths) or ``image`` (bytes, or base64 text) ->
-    DataFrame(prediction, score, top-k categories and scores, status, reason)."""
+    """MLflow pyfunc: a DataFrame with the column ``image`` (base64 text, or bytes) or, where the server allows it,
+    ``path`` (files inside ``PINTEREST_CLS_SERVE_ROOT``) -> one row per input row: prediction, score, top-k
+    categories and scores, ``status`` (ok | failed) and ``reason``. A bad row fails alone; the values are strict
+    JSON (null, never NaN). The server's limits: ``serving.limits``."""
 
     def load_context(self, context):
         classifier = load_classifier(context.artifacts["classifier"])
-        meta = json.loads(Path(context.artifacts["embeddings_meta"]).read_text())
-        self.model = EndToEnd(classifier, StoreMeta.from_dict(meta, "embeddings_meta.json"))
+        meta = StoreMeta.from_dict(json.loads(Path(context.artifacts["embeddings_meta"]).read_text()),
+                                   "embeddings_meta.json")
+        self.limits = ServeLimits.from_environment(meta.extract.max_pixels)
+        self.model = EndToEnd(classifier, meta, max_pixels=self.limits.max_pixels)
+        install_request_guard(self.limits)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
-        if "path" in frame.columns:
-            return self.model.predict_paths(frame["path"].astype(str).tolist()).drop(columns=["path"])
-        if "image" not in frame.columns:
-            raise ValueError("input needs a column 'path' (image paths) or 'image' (bytes or base64 text)")
+        if not {"image", "path"} & set(frame.columns):
+            raise RequestRefused(400, "the input needs the column image (base64 image bytes), or path where the "
+                                      "server allows it")
+        if len(frame) == 0:
+            raise RequestRefused(400, "the request holds no rows")
+        if len(frame) > self.limits.max_rows:
+            raise RequestRefused(413, f"{len(frame)} rows, more than the {self.limits.max_rows} a request may hold "
+                                      "(PINTEREST_CLS_SERVE_MAX_ROWS)")
         with tempfile.TemporaryDirectory() as tmp:
-            paths = []
-            for i, value in enumerate(frame["image"]):
-                data = value if isinstance(value, (bytes, bytearray)) else base64.b64decode(str(value))
-                p = os.path.join(tmp, f"{i:06d}")
-                with open(p, "wb") as f:
-                    f.write(data)
-                paths.append(p)
-            return self.model.predict_paths(paths).drop(columns=["path"])
+            inputs = [self._input(i, row, tmp) for i, row in enumerate(frame.to_dict("records"))]
+            good = [p for p, _ in inputs if p is not None]
+            found = self.model.predict_paths(good).drop(columns=["path"]) if good else None
+            rows, k = [], 0
+            for path, reason in inputs:
+                if path is None:
+                    rows.append({"status": "failed", "reason": reason})
+                else:
+                    row = found.iloc[k].to_dict()
+                    row["reason"] = str(row["reason"]).replace(tmp, "<image>")
+                    rows.append(row)
+                    k += 1
+        out = pd.DataFrame(rows, columns=self.model.columns)
+        return out.astype(object).where(out.notna(), None)  # strict JSON: null, never NaN
+
+    def _input(self, i: int, row: dict, tmp: str) -> tuple[str | None, str]:
+        """(a file to embed, "") for one input row, or (None, why it fails)."""
+        value = row.get("image")
+        if value is not None and not (isinstance(value, float) and value != value):
+            data, reason = decode_image(value, self.limits.max_image_bytes)
+            if data is None:
+                return None, reason
+            path = os.path.join(tmp, f"{i:06d}")
+            with open(path, "wb") as f:
+                f.write(data)
+            return path, ""
+        given = row.get("path")
+        if given is None or (isinstance(given, float) and given != given):
+            return None, "no image given (column image, or path)"
+        path, reason = self.limits.allowed_file(str(given))
+        return (str(path), "") if path is not None else (None, reason)
+
+
+def decode_image(value, max_bytes: int) -> tuple[bytes | None, str]:
+    """(the image bytes of a request row's ``image`` value, "") or (None, why not): base64 text (bytes pass as
+    they are), at most ``max_bytes`` once decoded."""
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    else:
+        text = str(value).strip()
+        if len(text) // 4 * 3 > max_bytes + 3:  # judged before decoding
+            return None, f"image is larger than {max_bytes} bytes (PINTEREST_CLS_SERVE_MAX_IMAGE_BYTES)"
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return None, "image is not base64 text"
+    if not data:
+        return None, "image is empty"
+    if len(data) > max_bytes:
+        return None, f"image is larger than {max_bytes} bytes (PINTEREST_CLS_SERVE_MAX_IMAGE_BYTES)"
+    return data, ""
 
 
 def log_pipeline(classifier, store_meta_path: Path, workdir: Path, example_image: str) -> None:
