@@ -23,7 +23,7 @@ from pinterest_cls.core.version import __version__
 #: The public names and the modules that define them.
 _API = {
     "open_store": "pinterest_cls.data.store", "Store": "pinterest_cls.data.store",
-    "StoreMeta": "pinterest_cls.data.store",
+    "StoreMeta": "pinterest_cls.data.metadata",
     "build_backbone": "pinterest_cls.embed.backbones", "Embedder": "pinterest_cls.embed.embedder",
     "embed_images": "pinterest_cls.embed.embedder",
     "load_pipeline": "pinterest_cls.serving.end_to_end", "EndToEnd": "pinterest_cls.serving.end_to_end",
@@ -34,7 +34,8 @@ __all__ = ["__version__", "open_store", "Store", "StoreMeta", "build_backbone", 
            "load_pipeline", "EndToEnd", "FaissKNN", "TorchMLP", "FaissKMeans"]
 
 if TYPE_CHECKING:  # what static tools (type checkers, the API reference) read
-    from pinterest_cls.data.store import Store, StoreMeta, open_store
+    from pinterest_cls.data.metadata import StoreMeta
+    from pinterest_cls.data.store import Store, open_store
     from pinterest_cls.embed.backbones import build_backbone
     from pinterest_cls.embed.embedder import Embedder, embed_images
     from pinterest_cls.learn.estimators import FaissKMeans, FaissKNN, TorchMLP

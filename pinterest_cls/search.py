@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from pinterest_cls.core import config
 from pinterest_cls.core.cli import verb_main
 from pinterest_cls.core.errors import UserError
-from pinterest_cls.data.store import META, store_for
+from pinterest_cls.data.metadata import META
+from pinterest_cls.data.store import store_for
 from pinterest_cls.embed.embedder import embed_file
 from pinterest_cls.neighbors.faiss_index import load_or_build, search_batched, unit_rows
 from pinterest_cls.track.plots import contact_sheet

@@ -1,7 +1,9 @@
 """``python -m pinterest_cls.status``: the state of every embedding store and of each of its shards.
 
 For each store: rows done and failed, and per shard (from the progress records that shard jobs commit) the
-rows done, the time spent, and for an unfinished or never-started shard the command that (re-)runs it alone.
+rows done, the time spent, and for an unfinished or never-started shard the command that (re-)runs it alone. A
+damaged store (files that do not hold what its metadata says; with ``status.verify=true``, committed rows that no
+longer match their checksums) is listed as such, with what is wrong and the command that repairs it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from pinterest_cls.core import config
 from pinterest_cls.core.cli import verb_main
 from pinterest_cls.core.errors import UserError
-from pinterest_cls.data.store import META, store_status
+from pinterest_cls.data.metadata import META
+from pinterest_cls.data.store import store_status
 from pinterest_cls.embed.registry import backbone_configs
 
 
@@ -27,12 +30,17 @@ def status(cfg: DictConfig) -> list[dict]:
         names = sorted(p.name for p in root.glob("*") if (p / META).is_file()) if root.is_dir() else []
         if not names:
             raise UserError(f"no embedding stores in {root}; run python -m pinterest_cls.extract first")
-    out = [store_status(root / name) for name in names]
+    verify = bool(config.select(cfg, "status.verify"))
+    out = [store_status(root / name, verify) for name in names]
     print(f"embedding stores in {root}:")
     width = max(len(s["backbone"]) for s in out)
     for s in out:
         rows = f"{s['rows_done']}/{s['rows']}" if s["rows"] is not None else "-"
         print(f"  {s['backbone']:<{width}}  {s['state']:<11}  rows {rows:>13}  failed {s['rows_failed']}")
+        if s["state"] == "damaged":
+            print(f"    {s['problem']}\n      repair it: {s['repair']}")
+        elif s.get("unverified_rows"):
+            print(f"    {s['unverified_rows']} rows committed before checksums were recorded: not verified")
         for sh in s["shards"] if len(s["shards"]) > 1 or s["state"] != "complete" else []:
             name = f"shard {sh['index']}/{sh['count']}" if sh["index"] is not None else "old shard"
             line = (f"    {name:<13} rows [{sh['lo']}, {sh['hi']})  {sh['done']}/{sh['hi'] - sh['lo']}  "

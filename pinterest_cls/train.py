@@ -14,7 +14,8 @@ from pinterest_cls.analysis.outputs import TRAIN_FILES, write_train_outputs
 from pinterest_cls.core import config
 from pinterest_cls.core.cli import verb_main
 from pinterest_cls.core.errors import UserError
-from pinterest_cls.data.store import META, store_for
+from pinterest_cls.data.metadata import META
+from pinterest_cls.data.store import store_for
 from pinterest_cls.learn.fitting import fit_and_test, run_params
 from pinterest_cls.learn.metrics import bootstrap_metrics, summary
 from pinterest_cls.learn.splits import board_keys, has_boards, sample_rows, split_for_run, split_table

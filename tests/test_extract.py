@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -217,3 +218,23 @@ def test_loader_workers_ignore_the_signals_slurm_sends_to_every_process_of_a_job
 
     batches = list(make_loader(_SignalDisposition(), batch_size=1, workers=2, pin_memory=False))
     assert torch.cat(batches).tolist() == [[1, 1]] * 4
+
+
+def test_a_second_writer_of_a_shard_names_the_holder_and_stops(tmp_path, export):
+    """Two runs of one shard at once (an easy mistake with SLURM): the second does no work and says who holds the
+    rows; once the holder is gone (here it finishes), the shard is free again."""
+    args = [f"paths.work={tmp_path / 'w'}", f"data.root={export}", *SMALL, "extract.commit_every=1"]
+    first = subprocess.Popen([sys.executable, "-m", "pinterest_cls.extract", *args], cwd=tmp_path,
+                             env=dict(os.environ, **faults(delay_s=1.5)), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    lock = tmp_path / "w" / "exp" / "embeddings" / "test_efficientnet" / "progress" / "rows_0000000000_0000000024.lock"
+    deadline = time.time() + 120
+    while not (lock.is_file() and lock.read_text().startswith("pid")):
+        assert first.poll() is None and time.time() < deadline, first.stdout.read()
+        time.sleep(0.2)
+    second = run_verb("extract", *args, cwd=tmp_path)
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1
+    assert f"rows [0, 24) of {lock.parent.parent} are being embedded by pid {first.pid} on " in second.stderr
+    assert first.wait(timeout=300) == 0
+    done = run_verb("extract", *args, cwd=tmp_path)
+    assert done.returncode == 0 and "already done" in done.stdout + done.stderr

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pinterest_cls.data.store import EMBEDDINGS, INDEX, INDEX_COLUMNS, META
+from pinterest_cls.data.integrity import EMBEDDINGS, INDEX
+from pinterest_cls.data.metadata import META
+from pinterest_cls.data.store import INDEX_COLUMNS
 
 BOARD = 250
 

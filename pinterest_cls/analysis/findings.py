@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.core.fileio import atomic_write_json
-from pinterest_cls.data.store import StoreMeta
+from pinterest_cls.data.metadata import StoreMeta
 from pinterest_cls.neighbors.duplicates import duplicate_groups, pairs_from_graph
 from pinterest_cls.neighbors.faiss_index import FaissNeighbors, blocks, read_rows, unit_rows
 

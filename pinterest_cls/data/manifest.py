@@ -253,18 +253,21 @@ def scan_export(cfg: DictConfig, progress: bool = True) -> dict:
     return report
 
 
-def data_root(cfg: DictConfig) -> Path:
-    """The export to read: ``data.root``, or the demo export (generated on first use)."""
+def check_root(cfg: DictConfig) -> Path | None:
+    """``data.root`` resolved (None when unset: the demo), or a one-line error when it does not exist."""
     root = config.select(cfg, "data.root")
     if root in (None, ""):
-        return ensure_demo_export(config.work_dir(cfg) / config.DEMO_NAME / "export")
+        return None
     path = Path(os.path.expanduser(str(root))).resolve()
     if not path.exists():
-        raise UserError(
-            f"data.root={root} does not exist; point data.root at an export "
-            "(or leave it unset to use the embedded demo data)"
-        )
+        raise UserError(f"data.root={root} does not exist; point data.root at an export (or leave it unset to use "
+                        "the embedded demo data)")
     return path
+
+
+def data_root(cfg: DictConfig) -> Path:
+    """The export to read: ``data.root``, or the demo export (generated on first use)."""
+    return check_root(cfg) or ensure_demo_export(config.work_dir(cfg) / config.DEMO_NAME / "export")
 
 
 

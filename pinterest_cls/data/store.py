@@ -2,26 +2,27 @@
 
 Row i of ``embeddings.npy`` is the i-th ``ok`` row of the manifest. Writers (one per shard) fill disjoint,
 batch-aligned row ranges and commit their progress atomically: the rows are flushed to disk (msync) first,
-then a small progress record is atomically replaced. After a kill at any moment a re-run continues from the
-last commit; because batches are aligned to multiples of the batch size from row 0, every row is computed in
-the same batch as in an uninterrupted single-process run, so the result is bitwise identical.
+then a small progress record (with the rows' checksum) is atomically replaced. After a kill at any moment a re-run
+continues from the last commit; because batches are aligned to multiples of the batch size from row 0, every row
+is computed in the same batch as in an uninterrupted single-process run, so the result is bitwise identical. One
+writer holds a shard at a time (a lock that dies with its process).
 
-``meta.json`` is read in one place, ``read_meta``, into a ``StoreMeta``: typed fields with their
-defaults, and a ``format_version``. A store written before format versions were recorded (format 0) is migrated
-on reading: the keys added since get the values those stores were made with. A store of a newer format than
-this code knows is refused, with the command that re-extracts it.
+``meta.json`` is read in one place (``data.metadata.read_meta``); the files are checked whenever a store is opened
+(``data.integrity``): a damaged store is refused in one line naming the file and the command that repairs it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,18 +33,39 @@ from pinterest_cls.core import config
 from pinterest_cls.core.cli import command
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.core.fileio import atomic_write_json, locked, slurm_states
+from pinterest_cls.data.integrity import (
+    EMBEDDINGS,
+    INDEX,
+    PROGRESS,
+    check_store,
+    repair_array,
+    roll_back,
+    rows_checksum,
+    verify_checksums,
+)
+from pinterest_cls.data.manifest import check_root
+from pinterest_cls.data.metadata import FORMAT_VERSION, META, REEXTRACT, StoreMeta, filled, read_meta
 
-EMBEDDINGS = "embeddings.npy"
-INDEX = "index.parquet"
-META = "meta.json"
-PROGRESS = "progress"
+log = logging.getLogger(__name__)
+
 INDEX_COLUMNS = ["row", "user", "board", "pin", "category", "path", "embedded", "reason"]
-#: The format of ``meta.json`` this code writes; 0 is a store from before formats were recorded.
-FORMAT_VERSION = 1
 
 
 def rows_sha256(ok_rows: pd.DataFrame) -> str:
-    """Identity of the rows to embed: their paths, sizes and mtimes, in order."""
+    """Identity of the rows to embed, from their content: each pin's user, board and id and the sha256 of its
+    file's bytes (the scan's ``digest``), in order. The same export copied elsewhere has the same identity."""
+    if "digest" not in ok_rows.columns or ok_rows["digest"].isna().any():
+        raise UserError("the manifest has no content digest for some ok pins (scanned before digests were "
+                        "recorded); re-run python -m pinterest_cls.scan to record them")
+    h = hashlib.sha256()
+    for user, board, pin, digest in zip(ok_rows["user"], ok_rows["board"], ok_rows["pin"], ok_rows["digest"]):
+        h.update(f"{user}\t{board}\t{pin}\t{digest}\n".encode())
+    return h.hexdigest()
+
+
+def legacy_rows_sha256(ok_rows: pd.DataFrame) -> str:
+    """The rows' identity as stores of format 1 and older recorded it (paths, sizes and mtimes): what ``extract``
+    recognises an older store by before migrating it."""
     h = hashlib.sha256()
     for path, size, mtime in zip(ok_rows["path"], ok_rows["bytes"], ok_rows["mtime_ns"]):
         h.update(f"{path}\t{size}\t{mtime}\n".encode())
@@ -57,15 +79,6 @@ def shard_range(n_rows: int, batch_size: int, index: int, count: int) -> tuple[i
     n_batches = -(-n_rows // batch_size)
     lo_b, hi_b = index * n_batches // count, (index + 1) * n_batches // count
     return min(lo_b * batch_size, n_rows), min(hi_b * batch_size, n_rows)
-
-
-#: Fingerprint keys added after the first stores were written, with the value those stores were made with: a
-#: store whose fingerprint lacks such a key matches a run with that value (so it can still be resumed).
-FINGERPRINT_DEFAULTS = {"decode": "cpu", "micro_batch": None, "runtime": "torch", "request_rows": None}
-
-
-def _filled(fingerprint: dict) -> dict:
-    return {**FINGERPRINT_DEFAULTS, **fingerprint}
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -97,6 +110,20 @@ def merge_records(records: list[dict], n_rows: int) -> tuple[np.ndarray, dict[in
     return done, failures
 
 
+@dataclass(frozen=True)
+class NewStore:
+    """What a writer opens a store with: the pins to embed (``index``), the array's width and dtype, the meta to
+    record, the fingerprint a resume must match, and the fingerprints older formats gave the same run
+    (``legacy``: a store recorded with one of them is migrated to ``fingerprint``)."""
+
+    index: pd.DataFrame
+    dim: int
+    dtype: str
+    meta: dict
+    fingerprint: dict
+    legacy: tuple[dict, ...] = ()
+
+
 class EmbeddingStore:
     """A store being written: its memory-mapped array (read-write), progress records and metadata."""
 
@@ -108,42 +135,118 @@ class EmbeddingStore:
     # --- creation -------------------------------------------------------------------------------------
 
     @classmethod
-    def open_or_create(cls, folder: Path, index: pd.DataFrame, dim: int, dtype: str, meta: dict,
-                       fingerprint: dict, overwrite: bool = False) -> EmbeddingStore:
-        """Open the store at ``folder`` if its fingerprint matches, else create it (``overwrite`` replaces a
-        store made with another config or manifest; without it such a store is refused)."""
+    def open_or_create(cls, folder: Path, new: NewStore, overwrite: bool = False) -> EmbeddingStore:
+        """Open the store at ``folder`` if its fingerprint matches (migrating an older format, repairing an array
+        cut short), else create it (``overwrite`` replaces a store made with another config or manifest, or one
+        whose metadata is damaged; without it such a store is refused)."""
         folder = Path(folder)
         with locked(folder):
-            meta_path = folder / META
-            if meta_path.is_file():
-                stored = read_meta(folder).fingerprint
-                if stored == _filled(fingerprint):
+            if (folder / META).is_file():
+                try:
+                    stored = read_meta(folder)
+                except UserError:
+                    if not overwrite:
+                        raise
+                    stored = None
+                if stored is not None and cls._resumable(folder, stored, new):
+                    cls._repair(folder, new)
                     return cls(folder)
-                if not overwrite:
+                if stored is not None and not overwrite:
                     raise UserError(
                         f"{folder} holds embeddings made with another config or manifest "
-                        f"({describe_mismatch(stored, _filled(fingerprint))}); "
-                        "re-run with the original settings to resume, or add extract.overwrite=true to replace them"
-                    )
-            for name in (META, INDEX, EMBEDDINGS):  # meta first: a half-replaced store is never taken as valid
-                with contextlib.suppress(FileNotFoundError):
-                    (folder / name).unlink()
-            shutil.rmtree(folder / PROGRESS, ignore_errors=True)
-            arr = np.lib.format.open_memmap(folder / EMBEDDINGS, mode="w+", dtype=np.dtype(dtype),
-                                            shape=(len(index), dim))
-            arr.flush()
-            del arr
-            idx = index.copy()
-            idx["embedded"] = False
-            idx["reason"] = "not embedded yet"
-            idx[INDEX_COLUMNS].to_parquet(folder / INDEX, index=False)
-            (folder / PROGRESS).mkdir()
-            atomic_write_json(meta_path, {"format_version": FORMAT_VERSION, **meta, "fingerprint": fingerprint,
-                                          "rows": len(index), "dim": dim, "dtype": dtype, "rows_done": 0,
+                        f"({describe_mismatch(stored.fingerprint, filled(new.fingerprint))}); "
+                        "re-run with the original settings to resume, or add extract.overwrite=true to replace them")
+            cls._create(folder, new)
+        return cls(folder)
+
+    @staticmethod
+    def _resumable(folder: Path, stored: StoreMeta, new: NewStore) -> bool:
+        """Whether the stored fingerprint is this run's (an older format's fingerprint of this run too: then the
+        meta.json is migrated to this format)."""
+        if stored.fingerprint == filled(new.fingerprint):
+            return True
+        if stored.format_version < FORMAT_VERSION and any(stored.fingerprint == filled(f) for f in new.legacy):
+            atomic_write_json(folder / META, {**stored.to_dict(), "format_version": FORMAT_VERSION,
+                                              "fingerprint": new.fingerprint})
+            log.info(f"{folder}: migrated from store format {stored.format_version} to {FORMAT_VERSION}")
+            return True
+        return False
+
+    @staticmethod
+    def _repair(folder: Path, new: NewStore) -> None:
+        """An array cut short or missing is mended (the lost rows rolled back, to be embedded again); an index
+        that cannot be read is written anew (``finalize`` rewrites its flags from the progress records)."""
+        repair_array(folder, read_meta(folder))
+        damage = check_store(folder)
+        if damage and INDEX in damage.problem:
+            log.warning(f"repairing {folder}: {damage.problem}; writing it anew")
+            EmbeddingStore._write_index(folder, new.index)
+
+    @staticmethod
+    def _write_index(folder: Path, index: pd.DataFrame) -> None:
+        idx = index.copy()
+        idx["embedded"] = False
+        idx["reason"] = "not embedded yet"
+        tmp = folder / f".{INDEX}.tmp{os.getpid()}"
+        idx[INDEX_COLUMNS].to_parquet(tmp, index=False)
+        os.replace(tmp, folder / INDEX)
+
+    @classmethod
+    def _create(cls, folder: Path, new: NewStore) -> None:
+        for name in (META, INDEX, EMBEDDINGS):  # meta first: a half-replaced store is never taken as valid
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
+        shutil.rmtree(folder / PROGRESS, ignore_errors=True)
+        arr = np.lib.format.open_memmap(folder / EMBEDDINGS, mode="w+", dtype=np.dtype(new.dtype),
+                                        shape=(len(new.index), new.dim))
+        arr.flush()
+        del arr
+        cls._write_index(folder, new.index)
+        (folder / PROGRESS).mkdir()
+        atomic_write_json(folder / META, {"format_version": FORMAT_VERSION, **new.meta, "fingerprint": new.fingerprint,
+                                          "rows": len(new.index), "dim": new.dim, "dtype": new.dtype, "rows_done": 0,
                                           "rows_failed": 0, "complete": False,
                                           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            _fsync_dir(folder)
-        return cls(folder)
+        _fsync_dir(folder)
+
+    # --- one writer per shard ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def claim(self, lo: int, hi: int):
+        """Hold rows [lo, hi) for this process while it embeds them: a second writer of the same rows stops with a
+        one-line error naming the holder (host, pid, start). The lock dies with its process (kill -9 included),
+        so a holder that died never blocks the shard."""
+        path = self.folder / PROGRESS / f"rows_{lo:010d}_{hi:010d}.lock"
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise UserError(f"rows [{lo}, {hi}) of {self.folder} are being embedded by {holder}; wait for it to "
+                                "finish (python -m pinterest_cls.status shows the shard), or stop it") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            f.flush()
+            try:
+                yield
+            finally:
+                f.seek(0)
+                f.truncate()
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def verify(self, lo: int, hi: int) -> str:
+        """Check the checksums of the rows committed in [lo, hi); roll back to the first range that fails, to be
+        embedded again. Returns what was found ("" when all match)."""
+        record = self.progress(lo, hi)
+        bad, _ = verify_checksums(self.folder, [record])
+        if not bad:
+            return ""
+        roll_back(self.folder, bad[0][0], self.meta.batch_size, only=lo)
+        found = f"rows {', '.join(f'[{a}, {b})' for a, b in bad)} no longer match their checksums"
+        log.warning(f"repairing {self.folder}: {found}; embedding them again")
+        return found
 
     # --- progress -------------------------------------------------------------------------------------
 
@@ -154,11 +257,15 @@ class EmbeddingStore:
         try:
             return json.loads(self._record_path(lo, hi).read_text())
         except FileNotFoundError:
-            return {"lo": lo, "hi": hi, "done": lo, "failures": {}, "elapsed_s": 0.0, "batches": 0}
+            return {"lo": lo, "hi": hi, "done": lo, "failures": {}, "elapsed_s": 0.0, "batches": 0, "checksums": []}
 
-    def commit(self, record: dict) -> None:
-        """Make rows [lo, record['done']) durable, then record that they are."""
+    def commit(self, record: dict, since: int) -> None:
+        """Make rows [lo, record['done']) durable, then record that they are, with the checksum of the rows
+        [since, done) this commit adds."""
         self.array.flush()  # msync: the rows are on disk before the record says so
+        if record["done"] > since:
+            record.setdefault("checksums", []).append([since, record["done"],
+                                                       rows_checksum(self.array, since, record["done"])])
         path = self._record_path(record["lo"], record["hi"])
         atomic_write_json(path, record)
         _fsync_dir(path.parent)
@@ -204,102 +311,6 @@ class EmbeddingStore:
 
 
 
-# --- meta.json, typed -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExtractRecord:
-    """How a store's rows were computed (``meta.json``'s ``extract``): what ``predict``, ``search`` and the served
-    model reproduce to embed new images like the store's pins. The defaults are the values of stores written
-    before each key was recorded."""
-
-    seed: int = 0
-    draft: bool = True
-    amp: str | None = None  # bf16 | fp16 | fp32; None: not recorded (a store from before precisions were)
-    batch_size: int | None = None
-    max_pixels: int | None = None
-    decode: str = "cpu"
-    micro_batch: int | None = None
-    runtime: str = "torch"
-    request_rows: int | None = None
-
-
-@dataclass(frozen=True)
-class StoreMeta:
-    """A store's ``meta.json``: the fields code reads, typed, and the whole record (``to_dict``)."""
-
-    backbone: str
-    rows: int
-    dim: int
-    dtype: str
-    fingerprint: dict
-    extract: ExtractRecord
-    backbone_config: dict = field(default_factory=dict)
-    timm_id: str | None = None
-    weights: str | None = None
-    weights_sha256: str | None = None
-    data_root: str | None = None
-    rows_done: int = 0
-    rows_failed: int = 0
-    complete: bool = False
-    created: str | None = None
-    format_version: int = FORMAT_VERSION
-    record: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def batch_size(self) -> int:
-        """The batch size the rows were computed with: the shard boundaries depend on it."""
-        return int(self.extract.batch_size or self.fingerprint["batch_size"])
-
-    @property
-    def rows_sha256(self) -> str:
-        """The identity of the embedded rows."""
-        return str(self.fingerprint.get("rows_sha256", ""))
-
-    def to_dict(self) -> dict:
-        """``meta.json`` as written, migrated to this format."""
-        return dict(self.record)
-
-    @classmethod
-    def from_dict(cls, raw: dict, source: str = META) -> StoreMeta:
-        """``raw`` (a ``meta.json``) migrated to ``FORMAT_VERSION`` and typed; ``source`` names it in errors."""
-        version = int(raw.get("format_version", 0))
-        if version > FORMAT_VERSION:
-            raise UserError(f"{source} is of store format {version}, newer than this pinterest_cls reads "
-                            f"({FORMAT_VERSION}); upgrade pinterest_cls, or re-extract with extract.overwrite=true")
-        migrated = {**raw, "format_version": FORMAT_VERSION,
-                    "fingerprint": {**FINGERPRINT_DEFAULTS, **raw.get("fingerprint", {})}}
-        known = {f.name for f in dataclasses.fields(ExtractRecord)}
-        extract = ExtractRecord(**{k: v for k, v in (raw.get("extract") or {}).items() if k in known})
-        migrated["extract"] = {**dataclasses.asdict(extract), **(raw.get("extract") or {})}
-        try:
-            return cls(backbone=str(raw["backbone"]), rows=int(raw["rows"]), dim=int(raw["dim"]),
-                       dtype=str(raw["dtype"]), fingerprint=migrated["fingerprint"], extract=extract,
-                       backbone_config=dict(raw.get("backbone_config") or {}), timm_id=raw.get("timm_id"),
-                       weights=raw.get("weights"), weights_sha256=raw.get("weights_sha256"),
-                       data_root=raw.get("data_root"), rows_done=int(raw.get("rows_done", 0)),
-                       rows_failed=int(raw.get("rows_failed", 0)), complete=bool(raw.get("complete", False)),
-                       created=raw.get("created"), record=migrated)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{source} is not a store's meta.json (missing or bad {exc}); re-extract the store "
-                            "with extract.overwrite=true") from None
-
-
-def read_meta(folder: Path) -> StoreMeta:
-    """The store's ``meta.json``, typed (the one reader of it)."""
-    path = Path(folder) / META
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"no embeddings in {folder} (no {META})") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); re-extract "
-                        "the store with extract.overwrite=true") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} is not a store's meta.json; re-extract the store with extract.overwrite=true")
-    return StoreMeta.from_dict(raw, str(path))
-
-
 # --- reading a store back ---------------------------------------------------------------------------------------
 
 
@@ -343,11 +354,30 @@ class Store:
         return int(hits["row"].iloc[0])
 
 
-def open_store(folder: str | Path) -> Store:
-    """Read the store in ``folder`` back (any state; ``StoreMeta.complete`` says whether it is finished)."""
+def open_store(folder: str | Path, repair: str | None = None) -> Store:
+    """Read the store in ``folder`` back (any state; ``StoreMeta.complete`` says whether it is finished). A store
+    whose files do not hold what its metadata says is refused with a one-line error naming the file and the
+    command that repairs it (``repair``, or one made from the store's own settings)."""
     folder = Path(folder)
+    damage = check_store(folder)
+    if damage:
+        raise UserError(f"{folder} is damaged: {damage.problem}; repair it: {repair or repair_hint(folder)}")
     meta = read_meta(folder)
     return Store(folder, np.load(folder / EMBEDDINGS, mmap_mode="r"), pd.read_parquet(folder / INDEX), meta)
+
+
+def repair_hint(folder: Path, verify: bool = False) -> str:
+    """How to repair the store in ``folder``: its extract command (which re-embeds the rows that are no longer on
+    disk and keeps the rest), or re-extraction where its metadata cannot be read."""
+    try:
+        meta = read_meta(folder)
+    except UserError:
+        return REEXTRACT
+    bcfg = {**meta.backbone_config, "name": meta.backbone}
+    sharded = len({(r["lo"], r["hi"]) for r in read_records(folder)}) > 1
+    return extract_command(bcfg, meta.data_root, f"extract.batch_size={meta.batch_size}",
+                           *(["extract.verify=true"] if verify else [])) + (
+        " (for each shard: python -m pinterest_cls.status lists them)" if sharded else "")
 
 
 def backbone_args(backbone: dict) -> list[str]:
@@ -369,14 +399,15 @@ def extract_command(backbone: dict, data_root: str | None, *extra: str) -> str:
 
 def store_for(cfg: DictConfig) -> Store:
     """The finished store of this config's backbone, or a one-line error with the command that makes it."""
+    check_root(cfg)  # a data.root that does not exist says so, rather than that it has no embeddings
     folder = config.embeddings_dir(cfg)
     bcfg = {"name": str(cfg.backbone.name), "kind": cfg.backbone.get("kind"), "model": cfg.backbone.get("model")}
-    data_root = config.select(cfg, "data.root")
-    how = extract_command(bcfg, data_root, *([f"data.layout={cfg.data.layout}"] if data_root else []),
+    root = config.select(cfg, "data.root")
+    how = extract_command(bcfg, root, *([f"data.layout={cfg.data.layout}"] if root else []),
                           f"paths.work={config.work_dir(cfg)}")
     if not (folder / META).is_file():
         raise UserError(f"no embeddings for backbone {cfg.backbone.name} in {folder}; run first: {how}")
-    store = open_store(folder)
+    store = open_store(folder, repair=how)
     if not store.meta.complete:
         raise UserError(f"embeddings in {folder} are incomplete ({store.meta.rows_done}/{store.meta.rows} rows "
                         f"done); finish them (extract resumes): {how}")
@@ -399,11 +430,17 @@ def rerun_command(meta: StoreMeta, index: int, count: int) -> str:
                            f"extract.shard.index={index}")
 
 
-def store_status(folder: Path) -> dict:
-    """{backbone, state, rows, rows_done, rows_failed, shards: [{index, count, lo, hi, done, state, ...}]}."""
+def store_status(folder: Path, verify: bool = False) -> dict:
+    """{backbone, state, rows, rows_done, rows_failed, shards: [{index, count, lo, hi, done, state, ...}]}; a
+    damaged store's state is ``damaged``, with ``problem`` and ``repair``. ``verify``: check the checksums of the
+    committed rows too (reads every row)."""
     if not (folder / META).is_file():
         return {"backbone": folder.name, "folder": str(folder), "state": "not started", "rows": None,
                 "rows_done": 0, "rows_failed": 0, "shards": []}
+    damage = check_store(folder)
+    if damage:
+        return {"backbone": folder.name, "folder": str(folder), "state": "damaged", "rows": None, "rows_done": 0,
+                "rows_failed": 0, "shards": [], "problem": damage.problem, "repair": repair_hint(folder)}
     meta = read_meta(folder)
     records = read_records(folder)
     done, failures = merge_records(records, meta.rows)
@@ -421,8 +458,15 @@ def store_status(folder: Path) -> dict:
     _add_slurm_states(shards)
     n_done = int(done.sum())
     state = "complete" if n_done == meta.rows else ("partial" if n_done else "not started")
-    return {"backbone": meta.backbone, "folder": str(folder), "state": state, "rows": meta.rows,
-            "rows_done": n_done, "rows_failed": len(failures), "shards": shards}
+    out = {"backbone": meta.backbone, "folder": str(folder), "state": state, "rows": meta.rows,
+           "rows_done": n_done, "rows_failed": len(failures), "shards": shards}
+    if verify:
+        bad, unchecked = verify_checksums(folder, records)
+        out["unverified_rows"] = unchecked
+        if bad:
+            out.update(state="damaged", repair=repair_hint(folder, verify=True),
+                       problem=f"rows {', '.join(f'[{a}, {b})' for a, b in bad)} no longer match their checksums")
+    return out
 
 
 def _shard_entry(meta, index, count, lo, hi, rec) -> dict:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
 from pinterest_cls.data.loader import PinDataset, default_workers, make_loader
-from pinterest_cls.data.store import StoreMeta
+from pinterest_cls.data.metadata import StoreMeta
 from pinterest_cls.embed.backbones import Backbone, build_backbone
 from pinterest_cls.embed.device import resolve_amp, runtime_device
 from pinterest_cls.embed.openvino_runtime import check_runtime

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -16,12 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from pinterest_cls.core import config
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.core.fileio import file_sha256, slurm_job_id
-from pinterest_cls.core.provenance import library_versions
+from pinterest_cls.core.provenance import provenance
 from pinterest_cls.core.stopping import StopRequest, graceful_stop
 from pinterest_cls.data.gpu_decode import GpuDecoder
 from pinterest_cls.data.loader import PinDataset, default_workers, make_loader
 from pinterest_cls.data.manifest import MANIFEST, ok_rows
-from pinterest_cls.data.store import EmbeddingStore, rows_sha256, shard_range
+from pinterest_cls.data.store import EmbeddingStore, NewStore, legacy_rows_sha256, rows_sha256, shard_range
 from pinterest_cls.embed.backbones import build_backbone
 from pinterest_cls.embed.device import amp_name, resolve_amp, runtime_device
 from pinterest_cls.embed.openvino_runtime import check_runtime, openvino_version
@@ -39,15 +40,25 @@ class _Job:
 
     def __init__(self, backbone, store: EmbeddingStore, folder: Path, record: dict, runner: Runner):
         self.backbone, self.store, self.folder, self.record, self.runner = backbone, store, folder, record, runner
-        self.start = self.done = record["done"]
+        self.start = self.done = self.committed = record["done"]
+        self.checksums: list = list(record.get("checksums", []))
         self.batches = record["batches"]
         self.failures: dict = dict(record["failures"])
         self.timings: list[tuple[int, int, float, float]] = []
 
 
-def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, rows_id: str, manifest_id: str, s: RunSettings):
-    """Build ``bcfg``'s backbone and open (or create) its store. ``rows_id``/``manifest_id``: the sha256 of
-    the rows to embed and of the manifest, computed once per run for all its backbones."""
+@dataclass(frozen=True)
+class _Ids:
+    """The identities a run's stores record, computed once for all its backbones: the rows' (by content, and as
+    format 1 had it, to recognise an older store) and the manifest's."""
+
+    rows: str
+    legacy_rows: str
+    manifest: str
+
+
+def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, ids: _Ids, s: RunSettings):
+    """Build ``bcfg``'s backbone and open (or create) its store."""
     amp, batch_size, dtype, decode, micro_batch = s.amp, s.batch_size, s.dtype, s.decode, s.micro_batch
     torch.manual_seed(int(cfg.extract.seed))  # random-init backbones (pretrained=false) are reproducible
     backbone = build_backbone(bcfg)
@@ -57,7 +68,7 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, rows_id: str, manifest_id
     fingerprint = {
         **{k: v for k, v in backbone.info.items() if k != "weights"},
         "weights": backbone.info["weights"] if backbone.info.get("weights_sha256") is None else None,
-        "rows_sha256": rows_id, "rows": len(ok), "dtype": dtype, "batch_size": batch_size,
+        "rows_sha256": ids.rows, "rows": len(ok), "dtype": dtype, "batch_size": batch_size,
         "draft": bool(ecfg.draft), "amp": str(amp).replace("torch.", "") if amp else None,
         "seed": int(ecfg.seed), "decode": decode, "micro_batch": micro_batch,
         # the runtime computes the features (a store is never resumed with another) and, for OpenVINO, the
@@ -79,12 +90,12 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, rows_id: str, manifest_id
                     "micro_batch": micro_batch, "runtime": s.runtime, "request_rows": s.request_rows},
         "data_root": None if config.select(cfg, "data.root") in (None, "") else str(cfg.data.root),
         "manifest": str(config.data_dir(cfg) / MANIFEST),
-        "manifest_sha256": manifest_id,
-        "versions": {**library_versions(),
-                     **({"openvino": openvino_version()} if s.runtime == "openvino" else {})},
+        "manifest_sha256": ids.manifest,
+        "versions": {**provenance(), **({"openvino": openvino_version()} if s.runtime == "openvino" else {})},
     }
-    store = EmbeddingStore.open_or_create(folder, index, backbone.dim, dtype, meta, fingerprint,
-                                          overwrite=bool(ecfg.overwrite))
+    legacy = {**fingerprint, "rows_sha256": ids.legacy_rows}  # format 1's fingerprint of this run
+    new = NewStore(index, backbone.dim, dtype, meta, fingerprint, legacy=(legacy,))
+    store = EmbeddingStore.open_or_create(folder, new, overwrite=bool(ecfg.overwrite))
     return backbone, store, folder
 
 
@@ -184,9 +195,10 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
     runtime_device(check_runtime(str(config.select(cfg, "extract.runtime"))), str(cfg.extract.device))
     _, ok = ok_rows(cfg)
     threads = torch.get_num_threads()  # extract.threads holds for this run only, not for the caller after it
-    try:
+    with contextlib.ExitStack() as stack:  # the shards' claims, and the caller's thread count restored
+        stack.callback(torch.set_num_threads, threads)
         s = run_settings(cfg, len(ok))
-        metas, jobs = _open_jobs(cfg, bcfgs, ok, s)
+        metas, jobs = _open_jobs(cfg, bcfgs, ok, s, stack)
         if jobs and on_start is not None:
             on_start([job.backbone.name for job in jobs])
         if jobs:
@@ -198,19 +210,22 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
             metas.update(_finish(jobs, s, clock, gpu, on_done))
             for job in jobs:  # after every store has committed and reported: nothing written is lost
                 _check_failures(job.backbone.name, job.failures, s.lo, s.hi, s.shard_name, s.max_failed)
-    finally:
-        torch.set_num_threads(threads)
     return metas
 
 
-def _open_jobs(cfg: DictConfig, bcfgs: list[DictConfig], ok, s: RunSettings) -> tuple[dict[str, dict], list[_Job]]:
-    """Open each backbone's store: a store whose shard is done gives its meta, the others a job that resumes
-    at their last commit."""
+def _open_jobs(cfg: DictConfig, bcfgs: list[DictConfig], ok, s: RunSettings, claims: contextlib.ExitStack
+               ) -> tuple[dict[str, dict], list[_Job]]:
+    """Open each backbone's store and claim its shard (held in ``claims``): a store whose shard is done gives its
+    meta, the others a job that resumes at their last commit (after checking the committed rows' checksums with
+    ``extract.verify=true``)."""
     metas: dict[str, dict] = {}
     jobs: list[_Job] = []
-    rows_id, manifest_id = rows_sha256(ok), file_sha256(config.data_dir(cfg) / MANIFEST)
+    ids = _Ids(rows_sha256(ok), legacy_rows_sha256(ok), file_sha256(config.data_dir(cfg) / MANIFEST))
     for bcfg in bcfgs:
-        backbone, store, folder = _open_store(cfg, bcfg, ok, rows_id, manifest_id, s)
+        backbone, store, folder = _open_store(cfg, bcfg, ok, ids, s)
+        claims.enter_context(store.claim(s.lo, s.hi))
+        if bool(config.select(cfg, "extract.verify")):
+            store.verify(s.lo, s.hi)
         record = store.progress(s.lo, s.hi)
         if record["done"] >= s.hi:
             log.info(f"{backbone.name}: {s.shard_name} already done.")
@@ -281,7 +296,8 @@ def _stream(cfg: DictConfig, ok, jobs: list[_Job], s: RunSettings, progress: boo
                 job.store.commit({"lo": s.lo, "hi": s.hi, "done": job.done, "failures": job.failures,
                                   "elapsed_s": round(elapsed, 3), "batches": job.batches,
                                   "shard": list(s.shard), "micro_batch": job.runner.micro_batch,
-                                  "slurm_job": slurm_job_id()})
+                                  "slurm_job": slurm_job_id(), "checksums": job.checksums}, job.committed)
+                job.committed = job.done
         clock.ready = time.perf_counter()
         if clock.first is None:
             clock.first, clock.first_size = clock.ready, size

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.core.fileio import file_sha256
-from pinterest_cls.data.store import META, Store
+from pinterest_cls.data.metadata import META
+from pinterest_cls.data.store import Store
 from pinterest_cls.learn.estimators import class_scores
 from pinterest_cls.learn.metrics import board_accuracy, classification_metrics, fold_mean
 from pinterest_cls.learn.protocol import protocol as run_protocol

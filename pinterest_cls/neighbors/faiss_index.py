@@ -45,7 +45,7 @@ MIN_TRAIN_PER_LIST = 39
 #: ... and is trained on a seeded sample of this many rows per list (or all rows).
 TRAIN_PER_LIST = 64
 #: Lists searched per query.
-NPROBE = 16
+NPROBE = 8
 #: Graph neighbours (HNSW) and their search breadth, for ``search.index=hnsw``.
 HNSW_M, HNSW_EF_SEARCH = 32, 128
 #: What a saved index depends on: a change of policy rebuilds it.

@@ -11,7 +11,7 @@ import pandas as pd
 
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.data.layouts import IMAGE_EXTENSIONS
-from pinterest_cls.data.store import StoreMeta
+from pinterest_cls.data.metadata import StoreMeta
 from pinterest_cls.embed.embedder import Embedder, backbone_from_meta
 from pinterest_cls.learn.estimators import class_scores
 from pinterest_cls.serving.model_io import load_run

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from pinterest_cls.core.errors import UserError
-from pinterest_cls.data.store import StoreMeta
+from pinterest_cls.data.metadata import StoreMeta
 from pinterest_cls.track.tracking import use_store
 
 #: The end-to-end pyfunc model's name in a train run.

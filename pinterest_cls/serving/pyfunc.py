@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 
-from pinterest_cls.data.store import StoreMeta
+from pinterest_cls.data.metadata import StoreMeta
 from pinterest_cls.serving.end_to_end import EndToEnd
 from pinterest_cls.serving.http_guard import RequestRefused, install_request_guard
 from pinterest_cls.serving.limits import ServeLimits
