@@ -29,6 +29,8 @@ def report(cfg: DictConfig) -> dict:
         for metric, table in rep.tables.items():
             log.info(f"\n{metric} (rows: backbone, columns: classifier; best run per cell by {rep.select_by})\n"
                      + table.to_string(float_format=lambda v: f"{v:.4f}"))
+        log.info("\nthe train run behind each cell (predict run_id=...; runs.csv has them too)\n"
+                 + rep.run_ids().to_string())
         log.info(f"\nwrote {out}/report.md, report.html, runs.csv, test_f1_macro.csv|png, test_accuracy.csv|png")
         run.log(params={"protocol": rep.protocol, "select_by": rep.select_by, "runs": len(rep.mine),
                         "cells": len(rep.best)}, artifacts={out: "report"})

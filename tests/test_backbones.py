@@ -1,5 +1,8 @@
 """Backbone registry: real efficientnet_lite0 weights, local weight files, pooling, pixels, errors."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -124,6 +127,29 @@ def test_unknown_names_and_missing_weights(tmp_path, monkeypatch):
     assert "'convnext_tiny.fb_in1k' are not cached and hub.invalid cannot be reached" in msg
     assert "backbone.weights=/path/to/model.safetensors" in msg
     assert "backbone.pretrained=false" in msg
+    # the download command is the one the installed huggingface_hub has (2.x: hf, no huggingface-cli)
+    assert "hf download timm/convnext_tiny.fb_in1k" in msg and "huggingface-cli" not in msg
+
+
+def test_weights_of_another_model_are_a_one_line_error_and_nothing_is_written(tmp_path):
+    from safetensors.torch import save_file
+
+    from .helpers import make_pinterest_export, run_verb
+
+    other = build_backbone(bcfg("timm", model="test_convnext", pretrained=False)).model.model.state_dict()
+    save_file({k: v.contiguous() for k, v in other.items()}, str(tmp_path / "convnext.safetensors"))
+    (tmp_path / "garbage.pth").write_bytes(b"\x80\x02 these bytes are not a checkpoint" * 100)
+    export = make_pinterest_export(tmp_path / "exp", {("u", "cats"): "cats", ("u", "dogs"): "dogs"})
+    work = tmp_path / "work"
+    for weights, message in ((tmp_path / "convnext.safetensors", r"does not fit test_efficientnet: \d+ missing keys "
+                              r"\(blocks\.0\.0\.bn1\.bias, [^)]+\); \d+ unexpected keys \(head\.norm\.bias, "),
+                             (tmp_path / "garbage.pth", r"is not a checkpoint \(UnpicklingError\)")):
+        proc = run_verb("extract", f"paths.work={work}", f"data.root={export}", "backbone=test_efficientnet",
+                        "backbone.pretrained=true", f"backbone.weights={weights}", "mlflow.enabled=false", cwd=tmp_path)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert re.search(f"error: backbone.weights={weights} " + message, proc.stderr), proc.stderr
+        assert not (work / "exp" / "embeddings").exists()  # no store was started
 
 
 def test_a_config_written_in_code_takes_its_defaults_from_the_yaml(tmp_path, monkeypatch):
@@ -141,3 +167,16 @@ def test_a_config_written_in_code_takes_its_defaults_from_the_yaml(tmp_path, mon
     assert (b.info["input_size"], b.info["grayscale"], b.dim) == (20, True, 400)
     b = build_backbone({"name": "p", "kind": "pixels", "image_size": 8})  # what is given wins
     assert (b.info["input_size"], b.dim) == (8, 64)
+
+
+def test_the_weights_cache_command_names_the_13_study_repositories():
+    """The one-liner of the extract guide that fills a shared weights cache: one hub repository per study backbone."""
+    import subprocess
+    import sys
+
+    code = ("from pinterest_cls.embed.registry import REGISTRY, STUDY_BACKBONES; "
+            "print(*(f'timm/{REGISTRY[n].model}' for n in STUDY_BACKBONES), sep='\\n')")
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "extract.md").read_text()
+    assert code in guide
+    repos = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert len(repos) == 13 and repos[0] == "timm/convnext_tiny.fb_in1k" and repos[-1] == "timm/legacy_xception.tf_in1k"

@@ -207,7 +207,7 @@ def test_openvino_runs_on_the_cpu_only(tmp_path):
     assert not Path(tmp_path / "demo").exists()
 
 
-def test_predict_and_the_served_model_embed_with_the_stores_runtime(tmp_path, ov_cache):
+def test_predict_and_the_served_model_embed_with_the_stores_runtime(tmp_path, ov_cache, monkeypatch):
     import mlflow
     import pandas as pd
 
@@ -230,5 +230,6 @@ def test_predict_and_the_served_model_embed_with_the_stores_runtime(tmp_path, ov
     model_uri = f"runs:/{result['run_id']}/pipeline"
     requirements = Path(mlflow.artifacts.download_artifacts(f"{model_uri}/requirements.txt")).read_text().split()
     assert "openvino" in requirements
+    monkeypatch.setenv("PINTEREST_CLS_SERVE_ROOT", str(export))  # path input, inside the export only
     served = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"path": list(merged["path"][:6])}))
     assert list(served["prediction"]) == list(merged["prediction"][:6])

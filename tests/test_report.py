@@ -75,8 +75,41 @@ def test_the_report_files_name_the_protocol_and_give_each_cell_its_interval(runs
     assert {"backbone", "classifier", "split", "run_id", "protocol", "test_f1_macro_ci_low"} <= set(runs_csv.columns)
 
 
-def test_another_protocol_is_shown_on_its_own_by_name(runs):
+def test_another_protocol_is_shown_on_its_own_by_name(runs, tmp_path):
     leaky = runs["leaky"]
     alone = report(make_cfg("report", [f"paths.work={runs['work']}", "mlflow.experiment=protocols",
-                                       f"report.protocol='{leaky['params']['protocol']}'"]))
+                                       f"report.protocol='{leaky['params']['protocol']}'", f"paths.report={tmp_path}"]))
     assert list(alone["best"]["run_id"]) == [leaky["run_id"]]
+
+
+def test_report_prints_the_run_behind_each_cell(runs, caplog, tmp_path):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="pinterest_cls.report"):
+        report(make_cfg("report", [f"paths.work={runs['work']}", "mlflow.experiment=protocols",
+                                   f"paths.report={tmp_path}"]))
+    text = caplog.text
+    assert "the train run behind each cell" in text
+    assert runs["fair"]["run_id"] in text and runs["svm"]["run_id"] in text and runs["leaky"]["run_id"] not in text
+
+
+def test_the_page_names_the_run_of_each_backbones_per_category_scores(runs):
+    page = (runs["report"]["dir"] / "report.html").read_text()
+    best = runs["report"]["best"].sort_values("cv_f1_macro", ascending=False).iloc[0]
+    assert f"{best['classifier']} ({best['run_id']})" in page  # the per-category table's run column
+    header = page[page.index("F1 per category, by backbone"):]
+    header = header[header.index("<tr>"):header.index("</tr>")]
+    cells = [c.split("</th>")[0] for c in header.split("<th>")[1:]]
+    assert cells[:2] == ["backbone", "run"] and cells[2:] == sorted(cells[2:]) == ["desert", "forest", "night_sky",
+                                                                                     "ocean"]
+    gallery = f"The run with the best CV score of all cells: {best['backbone']}-{best['classifier']} ({best['run_id']})"
+    assert gallery in page
+
+
+def test_a_single_protocol_other_than_the_default_is_shown_and_named(demo_work):
+    exp = ["mlflow.experiment=single_protocol", "train.log_pipeline=false"]
+    run = train(train_cfg(demo_work, "classifier=logreg", "classifier.grid.C=[1]", "split=stratified", *exp))
+    result = report(make_cfg("report", [f"paths.work={demo_work}", "mlflow.experiment=single_protocol"]))
+    assert result["protocol"] == run["params"]["protocol"] and list(result["best"]["run_id"]) == [run["run_id"]]
+    md = (result["dir"] / "report.md").read_text()
+    assert "No train run used the default protocol" in md and "every run shown used this one" in md

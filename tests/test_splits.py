@@ -59,3 +59,13 @@ def test_a_category_with_a_single_board_only_trains(tiny_demo, frame):
     s = splits(tiny_demo, one)
     assert s.info["single_board_categories"] == ["ocean"]
     assert "ocean" not in set(one["category"].to_numpy()[s.folds[0][1]])
+
+
+def test_an_inner_cv_that_would_train_a_fold_on_one_category_is_a_one_line_error(tiny_demo, frame):
+    """Two categories of one training board each: two folds by board, each training on one category alone."""
+    from pinterest_cls.learn.splits import inner_cv
+
+    train_side = frame[(frame["user"] == "alice") & frame["category"].isin(["ocean", "forest"])].reset_index(drop=True)
+    cfg = make_cfg("train", [f"paths.work={tiny_demo}", *TINY])
+    with pytest.raises(UserError, match="the inner CV by board leaves a fold that trains on a single category"):
+        inner_cv(cfg, train_side, train_side["category"].to_numpy(), True, 0)

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -187,3 +188,35 @@ def test_torch_mlp_is_a_reproducible_estimator():
     np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
     assert (a.predict(X) == y).mean() > 0.9 and a.n_epochs_ <= 40
     assert json.dumps(a.get_params())
+
+
+def test_a_run_records_the_code_and_libraries_that_made_it(demo_work):
+    """Read back from the real MLflow store: MLflow's source, user and git commit (the UI's columns), the package's
+    version, whether the checkout had uncommitted changes, and the libraries' versions."""
+    import getpass
+    import importlib.metadata
+    import subprocess
+
+    import pinterest_cls
+    from pinterest_cls.core.provenance import git_state
+
+    result = train(train_cfg(demo_work, "classifier=logreg", "classifier.grid.C=[1]", "train.log_pipeline=false"))
+    tags = mlflow.MlflowClient(f"sqlite:///{demo_work}/mlflow.db").get_run(result["run_id"]).data.tags
+    assert tags["mlflow.source.name"] == "pinterest_cls.train" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"] == getpass.getuser()
+    assert tags["pinterest_cls_version"] == pinterest_cls.__version__
+    for lib in ("torch", "timm", "scikit-learn", "faiss-cpu", "mlflow", "numpy"):
+        assert tags[f"version.{lib}"] == importlib.metadata.version(lib), lib
+    repo = Path(pinterest_cls.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert head and tags["mlflow.source.git.commit"] == head == git_state()["git_commit"]
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    assert tags["git_dirty"] == ("true" if dirty else "false")
+
+
+def test_a_data_root_that_does_not_exist_says_so(tmp_path):
+    proc = run_verb("train", f"paths.work={tmp_path}", f"data.root={tmp_path / 'nope'}", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: data.root={tmp_path / 'nope'} does not exist; point data.root at an export (or leave it unset to use "
+        "the embedded demo data)"]

@@ -144,10 +144,11 @@ def write_report_page(folder: Path, report: ReportPage) -> Path:
         if metric in report.heatmaps:
             page.image(report.heatmaps[metric], f"{metric} heatmap", width=720)
     if not report.per_class.empty:
-        heatmap_plot(report.per_class, folder / "per_class_f1.png", "test F1 per category (best run of each "
-                     "backbone)", xlabel="category", ylabel="backbone")
+        heatmap_plot(report.per_class.drop(columns=["run"]), folder / "per_class_f1.png", "test F1 per category "
+                     "(best run of each backbone)", xlabel="category", ylabel="backbone")
         page.heading("F1 per category, by backbone")
-        page.paragraph("The best run of each backbone (over its classifiers, by the same CV score).")
+        page.paragraph("The best run of each backbone (over its classifiers, by the same CV score), named in the "
+                       "column run; categories in the order of the confusion matrices.")
         page.table(report.per_class.reset_index())
         page.image("per_class_f1.png", "per-category F1 heatmap", width=720)
     if report.gallery is not None:
@@ -159,7 +160,7 @@ def _gallery_section(page: Page, gallery: pd.DataFrame, run: str, top: int) -> N
     wrong = gallery[gallery["truth"].astype(str) != gallery["prediction"].astype(str)]
     wrong = wrong.sort_values("score", ascending=False, na_position="last")
     page.heading(f"Misclassified test pins of the best run ({len(wrong)} of {len(gallery)})")
-    page.paragraph(f"Run {run}; the most confident mistakes first"
+    page.paragraph(f"The run with the best CV score of all cells: {run}; the most confident mistakes first"
                    + (f", the first {top} shown." if len(wrong) > top else "."))
     tiles = []
     for i, row in enumerate(wrong.head(top).itertuples(index=False)):

@@ -30,25 +30,32 @@ def train_runs(cfg: DictConfig) -> pd.DataFrame:
     return runs
 
 
-def choose_protocol(cfg: DictConfig, runs: pd.DataFrame) -> tuple[str, pd.DataFrame, pd.Series]:
-    """(protocol, its runs, counts of the runs of every other protocol). ``report.protocol=default``: the
-    default settings on the rows of the newest such run; else the protocol given (as printed or in runs.csv)."""
+def choose_protocol(cfg: DictConfig, runs: pd.DataFrame) -> tuple[str, pd.DataFrame, pd.Series, str]:
+    """(protocol, its runs, counts of the runs of every other protocol, a note on the choice). ``report.protocol=
+    default``: the default settings on the rows of the newest such run, or the one protocol present when no run
+    used the defaults (the note says so; with several, none is chosen for the user); else the protocol given (as
+    printed or in runs.csv)."""
     runs = runs.copy()
     col = "params.protocol"
     runs[col] = runs[col].fillna(NO_PROTOCOL) if col in runs.columns else NO_PROTOCOL
     wanted = str(config.select(cfg, "report.protocol"))
     counts = runs[col].value_counts()
     listing = "; ".join(f"'{p}' ({n} runs)" for p, n in counts.items())
+    note = ""
     if wanted == "default":
         settings = default_protocol_settings(cfg)
         ours = runs[runs[col].map(protocol_without_rows) == settings]
-        if ours.empty:
-            raise UserError(f"no train run used the default protocol ({settings}); the runs used: {listing}. "
-                            "Choose one with report.protocol='<protocol>'")
-        wanted = str(ours.sort_values("start_time").iloc[-1][col])
+        if ours.empty and len(counts) == 1:
+            wanted = str(counts.index[0])
+            note = f"No train run used the default protocol ({settings}); every run shown used this one."
+        elif ours.empty:
+            raise UserError(f"no train run used the default protocol ({settings}) and several protocols compete; "
+                            f"the runs used: {listing}. Choose one with report.protocol='<protocol>'")
+        else:
+            wanted = str(ours.sort_values("start_time").iloc[-1][col])
     elif wanted not in counts.index:
         raise UserError(f"report.protocol='{wanted}' matches no train run; the runs used: {listing}")
-    return wanted, runs[runs[col] == wanted], counts.drop(wanted)
+    return wanted, runs[runs[col] == wanted], counts.drop(wanted), note
 
 
 def best_per_cell(runs: pd.DataFrame, select_by: str) -> pd.DataFrame:
@@ -114,16 +121,19 @@ def run_url(ui: str, experiment_id: str, run_id: str) -> str:
 
 
 def per_class_f1(runs: pd.DataFrame, best: pd.DataFrame, select_by: str) -> pd.DataFrame:
-    """Backbone x category: the test F1 of each category, from the best run of each backbone (the cell with the
-    highest ``select_by`` in its row of ``best``); categories as logged (``test_f1_<category>``)."""
+    """Backbone x category: the test F1 of each category (in sorted order, as the confusion matrices have them),
+    from the best run of each backbone (the cell with the highest ``select_by`` in its row of ``best``), which the
+    first column, ``run``, names (classifier and run id)."""
     top = best.sort_values(select_by, ascending=False).groupby("backbone", sort=True).head(1)
-    cols = [c for c in runs.columns if c.startswith("metrics.test_f1_") and c != "metrics.test_f1_macro"
-            and not c.endswith(("_std", "_ci_low", "_ci_high"))]
+    cols = sorted(c for c in runs.columns if c.startswith("metrics.test_f1_") and c != "metrics.test_f1_macro"
+                  and not c.endswith(("_std", "_ci_low", "_ci_high")))
     chosen = runs.set_index("run_id").loc[top["run_id"], cols]
     chosen.index = top["backbone"].to_numpy()
     chosen.columns = [c.removeprefix("metrics.test_f1_") for c in cols]
     chosen.index.name = "backbone"
-    return chosen.sort_index().dropna(axis=1, how="all")
+    chosen = chosen.dropna(axis=1, how="all")
+    chosen.insert(0, "run", [f"{c} ({r})" for c, r in zip(top["classifier"], top["run_id"])])
+    return chosen.sort_index()
 
 
 #: The metrics of the report's tables.
@@ -141,17 +151,24 @@ class Report:
     others: pd.Series  # run counts of the other protocols
     best: pd.DataFrame
     select_by: str
+    choice: str = ""  # why this protocol, where it is not the one asked for
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # metric -> backbone x classifier values
     cells: dict[str, pd.DataFrame] = field(default_factory=dict)  # ... as text with their intervals
 
     @property
     def note(self) -> str:
-        """What is left out: the runs of other protocols, or ""."""
-        if not len(self.others):
-            return ""
-        return (f"{int(self.others.sum())} runs of other protocols are not shown: "
-                + "; ".join(f"'{p}' ({n})" for p, n in self.others.items())
-                + ". Choose one with report.protocol='...'.")
+        """Why this protocol (where it was not the one asked for) and what is left out: the runs of other
+        protocols; or ""."""
+        left_out = ("" if not len(self.others) else f"{int(self.others.sum())} runs of other protocols are not shown: "
+                    + "; ".join(f"'{p}' ({n})" for p, n in self.others.items())
+                    + ". Choose one with report.protocol='...'.")
+        return " ".join(part for part in (self.choice, left_out) if part)
+
+    def run_ids(self) -> pd.DataFrame:
+        """Backbone x classifier: the train run behind each cell (what ``predict run_id=`` takes)."""
+        ids = self.best.pivot(index="backbone", columns="classifier", values="run_id")
+        ids.columns.name = None
+        return ids.fillna("")
 
 
 def build_report(cfg: DictConfig) -> Report:
@@ -161,10 +178,10 @@ def build_report(cfg: DictConfig) -> Report:
     if runs.empty:
         raise UserError(f"no finished train runs in MLflow experiment {cfg.mlflow.experiment!r} at "
                         f"{cfg.mlflow.tracking_uri}; run python -m pinterest_cls.train first")
-    chosen, mine, others = choose_protocol(cfg, runs)
+    chosen, mine, others, choice = choose_protocol(cfg, runs)
     select_by = str(cfg.report.select_by)
     best = best_per_cell(mine, select_by)
-    rep = Report(chosen, runs, mine, others, best, select_by)
+    rep = Report(chosen, runs, mine, others, best, select_by, choice=choice)
     for metric in METRICS:
         table = best.pivot(index="backbone", columns="classifier", values=metric)
         table.columns.name = None

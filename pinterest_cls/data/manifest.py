@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from pinterest_cls.core import config
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.core.fileio import atomic_write_json, available_cpus, file_sha256, locked, mp_context
+from pinterest_cls.core.progress import progress_bar
 from pinterest_cls.data.demo import ensure_demo_export
 from pinterest_cls.data.images import DEFAULT_MAX_PIXELS, verify_image
 from pinterest_cls.data.layouts import Candidate, walk_export
@@ -83,8 +84,6 @@ def verify_candidates(candidates: list[Candidate], settings: ScanSettings, previ
                       progress: bool = True) -> tuple[list[tuple], int]:
     """Verdict tuples (status, reason, width, height, format, digest) aligned with ``candidates``; and how many
     were reused from ``previous`` (same path, size and mtime) without a decode."""
-    from tqdm.auto import tqdm
-
     results: list[tuple | None] = [None] * len(candidates)
     todo: list[int] = []
     reused = 0
@@ -100,8 +99,7 @@ def verify_candidates(candidates: list[Candidate], settings: ScanSettings, previ
             todo.append(i)
     args = [(candidates[i].path, settings.full, settings.allow_truncated, settings.max_pixels) for i in todo]
     workers = settings.workers or available_cpus()
-    bar = tqdm(total=len(todo), desc="verify", unit="img", disable=not progress or not todo,
-               dynamic_ncols=True)
+    bar = progress_bar(len(todo), "verify", "img", progress and bool(todo), leave=True)
     if workers <= 1 or len(todo) < 64:
         verdicts = map(_verify_one, args)
         for i, v in zip(todo, verdicts):

@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pinterest_cls.core.errors import UserError
+from pinterest_cls.core.progress import progress_bar
 from pinterest_cls.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
 from pinterest_cls.data.loader import PinDataset, default_workers, make_loader
 from pinterest_cls.data.metadata import StoreMeta
@@ -72,8 +73,6 @@ class Embedder:
     def __call__(self, paths: list[str], *, batch_size: int = 64, workers: int | None = None,
                  progress: bool = False) -> tuple[np.ndarray, list[str]]:
         """Features (len(paths) x D, float32; zeros where decoding failed) and a reason per path ("" = ok)."""
-        from tqdm.auto import tqdm
-
         backbone = self.backbone
         dataset = PinDataset(list(map(str, paths)), range(len(paths)), backbone.transform, backbone.resize_size,
                              draft=self.draft, max_pixels=self.max_pixels)
@@ -82,7 +81,7 @@ class Embedder:
                              pin_memory=self.device.type == "cuda")
         feats = np.zeros((len(paths), backbone.dim), dtype=np.float32)
         reasons = [""] * len(paths)
-        with tqdm(total=len(paths), desc=f"embed {backbone.name}", unit="img", disable=not progress) as bar:
+        with progress_bar(len(paths), f"embed {backbone.name}", "img", progress, leave=True) as bar:
             for rows, pixels, failed in loader:
                 if pixels is not None:
                     feats[rows.numpy()] = self.runner(pixels)

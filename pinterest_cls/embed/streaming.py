@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pinterest_cls.core import config
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.core.fileio import file_sha256, slurm_job_id
+from pinterest_cls.core.progress import progress_bar
 from pinterest_cls.core.provenance import provenance
 from pinterest_cls.core.stopping import StopRequest, graceful_stop
 from pinterest_cls.data.gpu_decode import GpuDecoder
@@ -254,8 +255,6 @@ class _Clock:
 def _stream(cfg: DictConfig, ok, jobs: list[_Job], s: RunSettings, progress: bool, stop: StopRequest):
     """Decode the shard's pins once, run every job's model on each batch, write the rows and commit; after a
     stop request, commit what is written and stop."""
-    from tqdm.auto import tqdm
-
     first = min(job.start for job in jobs)
     dataset = PinDataset(ok["path"].tolist(), range(first, s.hi), [j.backbone.transform for j in jobs],
                          [j.backbone.resize_size for j in jobs], draft=bool(cfg.extract.draft),
@@ -265,8 +264,8 @@ def _stream(cfg: DictConfig, ok, jobs: list[_Job], s: RunSettings, progress: boo
     commit_every = max(1, int(cfg.extract.commit_every))
     names = ", ".join(j.backbone.name for j in jobs)
     clock = _Clock(time.perf_counter())
-    bar = tqdm(total=s.hi - first, desc=f"extract {names if len(jobs) < 4 else f'{len(jobs)} backbones'}",
-               unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    bar = progress_bar(s.hi - first, f"extract {names if len(jobs) < 4 else f'{len(jobs)} backbones'}", "img",
+                       progress, leave=True, smoothing=0.1)
     clock.ready = time.perf_counter()
     for n, (rows, pixels, failed) in enumerate(loader, start=1):
         t_batch = time.perf_counter()

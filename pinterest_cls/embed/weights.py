@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
+import shutil
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -86,23 +90,9 @@ def create_timm(model_id: str, bcfg, spec: Spec | None):
         kwargs["in_chans"] = int(bcfg.in_chans)
     if not timm.is_model(model_id):
         raise UserError(f"backbone.model={model_id!r} is not a timm model (see timm.list_models())")
-    weights = bcfg.get("weights")
-    pretrained = bool(bcfg.pretrained)
-    if weights:
-        path = Path(os.path.expanduser(str(weights)))
-        if not path.is_file():
-            raise UserError(f"backbone.weights={weights} does not exist; give the path of a .pth or .safetensors "
-                            f"file with the weights of {model_id}")
-        builtin = spec.weights if spec else None
-        if builtin == "package:efficientnet_lite0" and path.suffix != ".safetensors" and \
-                any(k.startswith("_blocks.") for k in _load_state(path)):
-            model = timm.create_model(model_id, pretrained=False, **kwargs)
-            _load_translated(model, path)
-        else:
-            model = timm.create_model(model_id, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
-                                      **kwargs)
-        return model, {"weights": str(path), "weights_sha256": file_sha256(path)}
-    if not pretrained:
+    if bcfg.get("weights"):
+        return _from_file(model_id, Path(os.path.expanduser(str(bcfg.weights))), kwargs, spec)
+    if not bool(bcfg.pretrained):
         model = timm.create_model(model_id, pretrained=False, **kwargs)
         return model, {"weights": "random (backbone.pretrained=false)", "weights_sha256": None}
     if spec and spec.weights:
@@ -114,22 +104,121 @@ def create_timm(model_id: str, bcfg, spec: Spec | None):
     if cached:  # timm's hub cache: no network needed
         model = timm.create_model(model_id, pretrained=True, pretrained_cfg_overlay=dict(file=cached), **kwargs)
         return model, {"weights": f"timm pretrained (cached {cached})", "weights_sha256": file_sha256(cached)}
-    how = (f"Download them where there is internet (timm.create_model('{model_id}', pretrained=True) caches them; "
-           f"or huggingface-cli download timm/{model_id}) and pass backbone.weights=/path/to/model.safetensors; "
-           "backbone.pretrained=false runs random weights on purpose")
+    return _from_hub(model_id, kwargs)
+
+
+def download_hint(model_id: str) -> str:
+    """How to get ``model_id``'s weights, with the download command the installed huggingface_hub has."""
+    def installed(name: str) -> bool:  # beside this Python (a venv that is not activated), or on PATH
+        return (Path(sys.executable).parent / name).is_file() or shutil.which(name) is not None
+
+    if installed("hf"):
+        tool = f"hf download timm/{model_id}"
+    elif installed("huggingface-cli"):
+        tool = f"huggingface-cli download timm/{model_id}"
+    else:
+        tool = f"pip install huggingface_hub, then hf download timm/{model_id}"
+    return (f"Download them where there is internet ({tool}, or timm.create_model('{model_id}', pretrained=True); "
+            "both fill the cache that HF_HOME points at) and use that cache here, or pass "
+            "backbone.weights=/path/to/model.safetensors; backbone.pretrained=false runs random weights on purpose")
+
+
+def _from_hub(model_id: str, kwargs: dict):
+    """timm's download from the hub, where it can be reached; else a one-line error saying how to get them."""
+    import timm
+
     host = _weights_host(model_id)
     if host and not _reachable(host):
         raise UserError(f"pretrained weights for timm model {model_id!r} are not cached and {host} cannot be "
-                        f"reached. {how}")
+                        f"reached. {download_hint(model_id)}")
     try:
         model = timm.create_model(model_id, pretrained=True, **kwargs)
     except Exception as exc:
         first = str(exc).splitlines()[0][:160] if str(exc) else ""
         raise UserError(f"pretrained weights for timm model {model_id!r} could not be loaded "
-                        f"({type(exc).__name__}: {first}). {how}") from None
+                        f"({type(exc).__name__}: {first}). {download_hint(model_id)}") from None
     cfg = model.pretrained_cfg or {}
     source = cfg.get("hf_hub_id") or cfg.get("url") or model_id
     return model, {"weights": f"timm pretrained ({source})", "weights_sha256": None}
+
+
+def _from_file(model_id: str, path: Path, kwargs: dict, spec: Spec | None):
+    """timm's model with the weights of a local file, keeping timm's pretrained config; a file that is not a
+    checkpoint, or whose keys do not fit the model, is a one-line error."""
+    import timm
+
+    if not path.is_file():
+        raise UserError(f"backbone.weights={path} does not exist; give the path of a .pth or .safetensors file "
+                        f"with the weights of {model_id}")
+    if spec is not None and spec.weights == "package:efficientnet_lite0" and path.suffix != ".safetensors" and \
+            any(str(k).startswith("_blocks.") for k in _checkpoint(path, model_id)):
+        model = timm.create_model(model_id, pretrained=False, **kwargs)
+        _load_translated(model, path)
+    else:
+        with _timm_load_notes() as notes:
+            try:
+                model = timm.create_model(model_id, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                          **kwargs)
+            except Exception:  # timm's loader raises several kinds: say what does not fit
+                raise UserError(_misfit(model_id, path, kwargs)) from None
+        if notes:  # timm loads what fits and only logs the rest: that would be partly random weights
+            raise UserError(_misfit(model_id, path, kwargs))
+    return model, {"weights": str(path), "weights_sha256": file_sha256(path)}
+
+
+@contextlib.contextmanager
+def _timm_load_notes():
+    """The keys timm reports missing or unexpected while it loads weights (it loads what fits, and only logs the
+    rest), gathered from its builder's log instead of printed."""
+    logger = logging.getLogger("timm.models._builder")
+    notes: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: notes.append(record.getMessage()) if record.getMessage().startswith(
+        ("Missing keys", "Unexpected keys")) else None
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield notes
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _checkpoint(path: Path, model_id: str) -> dict:
+    """The state dict of a weights file, or a one-line error saying it is not a checkpoint."""
+    try:
+        state = _load_state(path)
+    except Exception as exc:  # torch's unpickler, safetensors and zip raise several kinds
+        raise UserError(f"backbone.weights={path} is not a checkpoint ({type(exc).__name__}); give a .pth or "
+                        f".safetensors file with the weights of {model_id}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"backbone.weights={path} is not a checkpoint (it holds no tensors by name); give a .pth or "
+                        f".safetensors file with the weights of {model_id}")
+    return state
+
+
+def _misfit(model_id: str, path: Path, kwargs: dict) -> str:
+    """What of the weights in ``path`` does not fit ``model_id``: missing and unexpected keys, and keys of another
+    shape, with the first few names (a classifier head aside: the features take none)."""
+    import timm
+
+    state = _checkpoint(path, model_id)
+    wanted = timm.create_model(model_id, pretrained=False, **kwargs).state_dict()
+    missing = sorted(set(wanted) - set(state))
+    unexpected = sorted(k for k in set(state) - set(wanted) if not k.startswith(("head.fc.", "fc.", "classifier.")))
+    reshaped = sorted(k for k in set(state) & set(wanted) if tuple(state[k].shape) != tuple(wanted[k].shape))
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+    parts = [f"{len(missing)} missing keys ({few(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected keys ({few(unexpected)})" if unexpected else "",
+             f"{len(reshaped)} keys of another shape ({few(reshaped)})" if reshaped else ""]
+    found = "; ".join(p for p in parts if p) or "timm could not load them"
+    return f"backbone.weights={path} does not fit {model_id}: {found}; give the weights of {model_id}"
 
 
 def _weights_host(model_id: str) -> str | None:

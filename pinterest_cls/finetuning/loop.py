@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pinterest_cls.core.errors import UserError
+from pinterest_cls.core.progress import progress_bar
 from pinterest_cls.data.loader import make_loader
 from pinterest_cls.embed.device import resolve_amp, resolve_device
 from pinterest_cls.finetuning.inputs import ArrayImages, FileImages, make_transform
@@ -81,13 +82,11 @@ class Step:
 def run_epoch(setup: Setup, loader, step: Step | None = None, desc: str = ""):
     """One pass of ``setup``'s model over ``loader``; trains when a ``step`` is given. Returns (mean loss, accuracy
     or MAE, outputs, targets)."""
-    from tqdm.auto import tqdm
-
     train, model, device = step is not None, setup.model, setup.device
     model.train(train)
     total, n, outs, tgts = 0.0, 0, [], []
     ctx = torch.enable_grad() if train else torch.inference_mode()
-    with ctx, tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=not desc) as bar:
+    with ctx, progress_bar(desc=desc, unit="batch", enabled=bool(desc), iterable=loader) as bar:
         for x, y in bar:
             x = x.to(device, non_blocking=True)
             if setup.channels_last:

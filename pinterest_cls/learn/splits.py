@@ -250,8 +250,12 @@ def inner_cv(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray, grouped: bool,
             raise UserError("the training side holds a single board, so no cross-validation can keep boards apart; "
                             "add boards, or opt in to a leaky pin-level inner CV with split.inner=stratified")
         single = ", ".join(sorted(map(str, per_class.index[per_class < 2])))
-        return GroupKFold(n_splits=n), boards, f"{n}-fold by board, unstratified (one training board: {single})", \
-            False
+        cv = GroupKFold(n_splits=n)
+        if any(len(set(y[tr])) < 2 for tr, _ in cv.split(frame, y, groups=boards)):
+            raise UserError(f"the inner CV by board leaves a fold that trains on a single category (categories with "
+                            f"one training board: {single}); add boards, or opt in to a leaky pin-level inner CV "
+                            "with split.inner=stratified")
+        return cv, boards, f"{n}-fold by board, unstratified (one training board: {single})", False
     n = min(folds, int(np.bincount(np.unique(y, return_inverse=True)[1]).min()))
     if n < 2:
         raise UserError("a category has fewer than 2 training samples, too few for cross-validation; raise "

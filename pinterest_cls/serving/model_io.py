@@ -29,8 +29,9 @@ def load_run(tracking_uri: str, run_id: str) -> tuple[object, StoreMeta]:
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise UserError(f"run_id={run_id} is not a run in the MLflow store {tracking_uri}; "
-                        "see `mlflow ui` or python -m pinterest_cls.report for run ids") from None
+        raise UserError(f"run_id={run_id} is not a run in the MLflow store {tracking_uri}; python -m "
+                        "pinterest_cls.report prints the run behind each cell (and writes them to runs.csv), and "
+                        "`mlflow ui` lists every run") from None
     if run.data.tags.get("verb") != "train":
         raise UserError(f"run {run_id} is not a train run (verb={run.data.tags.get('verb')}) and has no classifier")
     try:

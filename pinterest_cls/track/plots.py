@@ -41,7 +41,7 @@ def batch_timings_plot(timings, path: Path, title: str = "") -> Path:
     ax2.bar(["wait", "compute"], totals, color=["tab:orange", "tab:blue"])
     ax2.set_ylabel("seconds in total")
     rate = n.sum() / totals.sum() if totals.sum() > 0 else 0
-    ax2.set_title(f"{n.sum():.0f} images, {rate:.1f} img/s", fontsize=9)
+    ax2.set_title(f"{n.sum():.0f} images, {rate:.1f} img/s\nover wait + compute", fontsize=9)
     fig.tight_layout()
     return _save(fig, path, 110)
 

@@ -22,9 +22,11 @@ def report_shard(done, batch_size: int, run: JobRun | None) -> None:
         f.writelines(f"{b},{n},{w:.6f},{c:.6f}\n" for b, n, w, c in done.timings)
     png = batch_timings_plot(done.timings, timing_csv.with_suffix(".png"),
                              title=f"{backbone.name} on {stats['device']}, {done.shard_name}")
-    log.info(f"{backbone.name}: {done.shard_name}: {stats['rows']} images in {stats['elapsed_s']:.1f} s "
-             f"({stats['images_per_s']:.1f} images/s; waiting for data {stats['wait_s']:.1f} s, "
-             f"computing {stats['compute_s']:.1f} s), {stats['failed']} failed")
+    log.info(f"{backbone.name}: {done.shard_name}: {stats['rows']} images in {stats['elapsed_s']:.1f} s: "
+             f"{stats['images_per_s']:.1f} images/s over the whole run, "
+             f"{stats['images_per_s_after_first_batch']:.1f} after the first batch (worker start-up left out); "
+             f"waiting for data {stats['wait_s']:.1f} s, computing {stats['compute_s']:.1f} s; "
+             f"{stats['failed']} failed")
     state = "complete" if meta["complete"] else f"{meta['rows_done']}/{meta['rows']} rows done"
     log.info(f"store {done.folder}: {state}, {meta['rows_failed']} failed rows")
     if run is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import getpass
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pinterest_cls.core import config
 from pinterest_cls.core.cli import command
+from pinterest_cls.core.provenance import provenance
 
 _held = threading.local()
 
@@ -275,6 +277,7 @@ def mlflow_run(cfg: DictConfig, run_name: str, verb: str, tags: dict | None = No
                 **{k: str(v) for k, v in (tags or {}).items() if v is not None}, **sweep_tags()}
     if command_line(verb):
         all_tags[MLFLOW_RUN_NOTE] = command_line(verb)
+    all_tags.update(provenance_tags(verb))
     with store_lock(uri):
         exp = experiment_id(cfg)
         parent = _parent_run(uri)
@@ -296,6 +299,24 @@ def mlflow_run(cfg: DictConfig, run_name: str, verb: str, tags: dict | None = No
             JobRun(cfg, parent).end(status)
         raise
     run.end("FINISHED")
+
+
+def provenance_tags(verb: str) -> dict[str, str]:
+    """What made a run, as its tags: MLflow's own source, user and git commit (the UI's Source and User columns),
+    the package's version, whether the checkout had uncommitted changes (``git_dirty``), and each library's version
+    (``version.<library>``)."""
+    from mlflow.entities import SourceType
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    found = provenance()
+    tags = {MLFLOW_SOURCE_NAME: f"pinterest_cls.{verb}", MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
+            "pinterest_cls_version": found.pop("pinterest_cls"),
+            **{f"version.{k}": v for k, v in found.items() if not k.startswith("git_")}}
+    with contextlib.suppress(Exception):  # no user name in some containers
+        tags[MLFLOW_USER] = getpass.getuser()
+    if "git_commit" in found:
+        tags[MLFLOW_GIT_COMMIT], tags["git_dirty"] = found["git_commit"], found["git_dirty"]
+    return tags
 
 
 def log_curves(histories: list[list[dict]]) -> None:
@@ -328,7 +349,7 @@ class SweepRuns(Callback):
         self.cfg, uri = config, tracking_uri(config)
         tags = {"verb": "sweep", "sweep_of": job, "sweep": sweep_name(sweep_dir), "sweep_dir": str(sweep_dir.resolve()),
                 "data": str(OmegaConf.select(config, "data.name")),
-                MLFLOW_RUN_NOTE: command(job, ["-m", *config.hydra.overrides.task])}
+                MLFLOW_RUN_NOTE: command(job, ["-m", *config.hydra.overrides.task]), **provenance_tags(job)}
         with store_lock(uri):
             exp = experiment_id(config)
             self.run_id = mlflow.MlflowClient().create_run(exp, run_name=f"{job} sweep {sweep_dir.name}",
