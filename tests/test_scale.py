@@ -200,6 +200,7 @@ def _train_sweep(work, export, *extra, cwd, timeout=600):
                     "hydra/launcher=local", *extra, cwd=cwd, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_parallel_sweep_into_one_sqlite_store_loses_no_run(tmp_path, embedded, big_export):
     proc = _train_sweep(embedded, big_export, "classifier=svm,knn,logreg,random_forest",
                         "hydra.launcher.n_jobs=4", "train.log_pipeline=false", cwd=tmp_path)
@@ -216,6 +217,7 @@ def test_parallel_sweep_into_one_sqlite_store_loses_no_run(tmp_path, embedded, b
         assert hasattr(mlflow.sklearn.load_model(f"runs:/{r.info.run_id}/model"), "predict")
 
 
+@pytest.mark.slow
 def test_parallel_sweep_against_a_tracking_server(tmp_path, embedded, big_export):
     port = free_port()
     server_dir = tmp_path / "server"

@@ -3,6 +3,7 @@ refused), the pins' lookup, the commands a store names, and damaged stores (a tr
 a flipped byte in a committed range) detected by every verb and repaired by extract, on real files."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -106,7 +107,7 @@ def made(tmp_path):
     return {"args": args, "folder": folder, "bytes": (folder / "embeddings.npy").read_bytes(), "tmp": tmp_path}
 
 
-def test_an_array_cut_short_is_refused_by_every_reader_and_repaired_by_extract(made):
+def test_an_array_cut_short_is_refused_by_every_reader_and_repaired_by_extract(made, caplog):
     folder, args = made["folder"], made["args"]
     array = folder / "embeddings.npy"
     array.write_bytes(made["bytes"][: len(made["bytes"]) // 2])  # a full disk, an interrupted copy
@@ -116,9 +117,9 @@ def test_an_array_cut_short_is_refused_by_every_reader_and_repaired_by_extract(m
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert f"{folder} is damaged: {array} is cut short" in proc.stderr
     assert "repair it: python -m pinterest_cls.extract backbone=test_efficientnet" in proc.stderr
-    again = run_verb("extract", *args, cwd=made["tmp"])  # re-embeds the rows that are gone, keeps the rest
-    assert again.returncode == 0, again.stderr
-    assert "rows [8, 24) to embed again" in again.stdout + again.stderr
+    with caplog.at_level(logging.WARNING, logger="pinterest_cls.data.integrity"):
+        extract(make_cfg("extract", args), progress=False)  # re-embeds the rows that are gone, keeps the rest
+    assert "rows [8, 24) to embed again" in caplog.text
     assert array.read_bytes() == made["bytes"]
     assert status(make_cfg("status", args[:2]))[0]["state"] == "complete"
 
@@ -132,11 +133,11 @@ def test_a_meta_json_that_is_not_json_stops_every_verb_in_one_line(made):
         proc = run_verb(verb, *made["args"][:2], *extra, cwd=made["tmp"])
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (verb, proc.stderr)
         assert f"{meta} cannot be read (JSONDecodeError" in proc.stderr and "Traceback" not in proc.stderr
-    fixed = run_verb("extract", *made["args"], "extract.overwrite=true", cwd=made["tmp"])
-    assert fixed.returncode == 0 and (made["folder"] / "embeddings.npy").read_bytes() == made["bytes"]
+    extract(make_cfg("extract", [*made["args"], "extract.overwrite=true"]), progress=False)
+    assert (made["folder"] / "embeddings.npy").read_bytes() == made["bytes"]
 
 
-def test_a_flipped_byte_is_found_by_status_verify_and_embedded_again(made):
+def test_a_flipped_byte_is_found_by_status_verify_and_embedded_again(made, caplog):
     folder, args = made["folder"], made["args"]
     data = bytearray(made["bytes"])
     data[-100] ^= 0xFF  # in the last committed range (rows 20-23)
@@ -145,13 +146,14 @@ def test_a_flipped_byte_is_found_by_status_verify_and_embedded_again(made):
     (st,) = status(make_cfg("status", [*args[:2], "status.verify=true"]))
     assert st["state"] == "damaged" and st["problem"] == "rows [20, 24) no longer match their checksums"
     assert st["repair"].endswith("extract.batch_size=4 extract.verify=true")
-    proc = run_verb("extract", *args, "extract.verify=true", cwd=made["tmp"])
-    assert proc.returncode == 0 and "rows [20, 24) no longer match their checksums" in proc.stdout + proc.stderr
+    with caplog.at_level(logging.WARNING, logger="pinterest_cls.data.store"):
+        extract(make_cfg("extract", [*args, "extract.verify=true"]), progress=False)
+    assert "rows [20, 24) no longer match their checksums" in caplog.text
     assert (folder / "embeddings.npy").read_bytes() == made["bytes"]
     assert status(make_cfg("status", [*args[:2], "status.verify=true"]))[0]["state"] == "complete"
 
 
-def test_extract_migrates_a_store_of_format_1_without_embedding_again(made):
+def test_extract_migrates_a_store_of_format_1_without_embedding_again(made, caplog):
     """Format 1 identified its rows by paths, sizes and mtimes: extract recognises such a store by that identity,
     rewrites its meta.json to this format (rows identified by content) and finds it done."""
     folder = made["folder"]
@@ -160,9 +162,9 @@ def test_extract_migrates_a_store_of_format_1_without_embedding_again(made):
     raw["format_version"] = 1
     raw["fingerprint"]["rows_sha256"] = legacy_rows_sha256(ok)
     (folder / META).write_text(json.dumps(raw))
-    proc = run_verb("extract", *made["args"], cwd=made["tmp"])
-    assert proc.returncode == 0 and "migrated from store format 1 to 2" in proc.stdout + proc.stderr
-    assert "already done" in proc.stdout + proc.stderr
+    with caplog.at_level(logging.INFO, logger="pinterest_cls"):
+        extract(make_cfg("extract", made["args"]), progress=False)
+    assert "migrated from store format 1 to 2" in caplog.text and "already done" in caplog.text
     meta = read_meta(folder)
     assert meta.format_version == FORMAT_VERSION and meta.rows_sha256 != legacy_rows_sha256(ok)
     assert (folder / "embeddings.npy").read_bytes() == made["bytes"]

@@ -216,7 +216,8 @@ def test_a_run_records_the_code_and_libraries_that_made_it(demo_work):
 
 
 def test_a_data_root_that_does_not_exist_says_so(tmp_path):
-    proc = run_verb("train", f"paths.work={tmp_path}", f"data.root={tmp_path / 'nope'}", cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: data.root={tmp_path / 'nope'} does not exist; point data.root at an export (or leave it unset to use "
-        "the embedded demo data)"]
+    message = (f"data.root={tmp_path / 'nope'} does not exist; point data.root at an export (or leave it unset to "
+               "use the embedded demo data)")
+    with pytest.raises(UserError) as err:
+        train(make_cfg("train", [f"paths.work={tmp_path}", f"data.root={tmp_path / 'nope'}"]))
+    assert str(err.value) == message
