@@ -11,6 +11,7 @@ identity is computed from the manifest). A store of a newer format than this cod
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,25 @@ class StoreMeta:
                        created=raw.get("created"), format_version=version, record=migrated)
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{source} is not a store's meta.json (missing or bad {exc}); {REEXTRACT}") from None
+
+
+#: A store's near-copy calibration (``embed.calibration``), beside its meta.json.
+CALIBRATION = "repins.json"
+
+
+def fingerprint_digest(fingerprint: dict) -> str:
+    """A short digest of a fingerprint: what a calibration (and MLflow's dataset input) is keyed by."""
+    return hashlib.sha256(json.dumps(filled(fingerprint), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_calibration(folder: Path, meta: StoreMeta) -> dict | None:
+    """The store's near-copy calibration when it was made on these very embeddings (the store's fingerprint), else
+    None (none made, or made on embeddings since replaced)."""
+    try:
+        record = json.loads((Path(folder) / CALIBRATION).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("fingerprint") == fingerprint_digest(meta.fingerprint) else None
 
 
 def read_meta(folder: Path) -> StoreMeta:

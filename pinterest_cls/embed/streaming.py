@@ -23,8 +23,10 @@ from pinterest_cls.core.stopping import StopRequest, graceful_stop
 from pinterest_cls.data.gpu_decode import GpuDecoder
 from pinterest_cls.data.loader import PinDataset, default_workers, make_loader
 from pinterest_cls.data.manifest import MANIFEST, ok_rows
+from pinterest_cls.data.metadata import read_meta
 from pinterest_cls.data.store import EmbeddingStore, NewStore, legacy_rows_sha256, rows_sha256, shard_range
 from pinterest_cls.embed.backbones import build_backbone
+from pinterest_cls.embed.calibration import calibrate, needs_calibration
 from pinterest_cls.embed.device import amp_name, resolve_amp, runtime_device
 from pinterest_cls.embed.openvino_runtime import check_runtime, openvino_version
 from pinterest_cls.embed.runner import Runner, make_runner
@@ -199,7 +201,7 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
     with contextlib.ExitStack() as stack:  # the shards' claims, and the caller's thread count restored
         stack.callback(torch.set_num_threads, threads)
         s = run_settings(cfg, len(ok))
-        metas, jobs = _open_jobs(cfg, bcfgs, ok, s, stack)
+        metas, jobs, backbones = _open_jobs(cfg, bcfgs, ok, s, stack)
         if jobs and on_start is not None:
             on_start([job.backbone.name for job in jobs])
         if jobs:
@@ -211,19 +213,33 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
             metas.update(_finish(jobs, s, clock, gpu, on_done))
             for job in jobs:  # after every store has committed and reported: nothing written is lost
                 _check_failures(job.backbone.name, job.failures, s.lo, s.hi, s.shard_name, s.max_failed)
+        _calibrate(cfg, backbones)
     return metas
 
 
+def _calibrate(cfg: DictConfig, backbones: dict) -> None:
+    """Calibrate the near-copy threshold of each store that is now complete and has none (``extract.calibrate``),
+    with the backbone already loaded: ``train`` and ``audit`` never load one."""
+    pins = int(config.select(cfg, "extract.calibrate.pins"))
+    for name, backbone in backbones.items():
+        folder = config.embeddings_dir(cfg, name)
+        if pins > 0 and needs_calibration(folder, read_meta(folder)):
+            calibrate(folder, backbone, pins, int(config.select(cfg, "extract.calibrate.seed")),
+                      float(config.select(cfg, "repins.min_pixel_score")), device=str(cfg.extract.device))
+
+
 def _open_jobs(cfg: DictConfig, bcfgs: list[DictConfig], ok, s: RunSettings, claims: contextlib.ExitStack
-               ) -> tuple[dict[str, dict], list[_Job]]:
+               ) -> tuple[dict[str, dict], list[_Job], dict]:
     """Open each backbone's store and claim its shard (held in ``claims``): a store whose shard is done gives its
     meta, the others a job that resumes at their last commit (after checking the committed rows' checksums with
-    ``extract.verify=true``)."""
+    ``extract.verify=true``); and every backbone built, by name."""
     metas: dict[str, dict] = {}
     jobs: list[_Job] = []
+    backbones = {}
     ids = _Ids(rows_sha256(ok), legacy_rows_sha256(ok), file_sha256(config.data_dir(cfg) / MANIFEST))
     for bcfg in bcfgs:
         backbone, store, folder = _open_store(cfg, bcfg, ok, ids, s)
+        backbones[backbone.name] = backbone
         claims.enter_context(store.claim(s.lo, s.hi))
         if bool(config.select(cfg, "extract.verify")):
             store.verify(s.lo, s.hi)
@@ -241,7 +257,7 @@ def _open_jobs(cfg: DictConfig, bcfgs: list[DictConfig], ok, s: RunSettings, cla
         runner = make_runner(backbone, s.device, s.amp, s.runtime, channels_last, bool(cfg.extract.compile),
                              record.get("micro_batch", s.micro_batch), s.request_rows)
         jobs.append(_Job(backbone, store, folder, record, runner))
-    return metas, jobs
+    return metas, jobs, backbones
 
 
 @dataclass
