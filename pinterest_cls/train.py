@@ -37,7 +37,7 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
                         "a classifier needs at least two: check data.reject_categories and the scan report")
     X = store.vectors_of(frame)
     y = frame["category"].to_numpy().astype(str)
-    splits, groups, extra = split_for_run(cfg, frame, X, y)
+    splits, groups, extra = split_for_run(cfg, frame, X, y, store, progress)
     splits, excluded = apply_exclusions(cfg, frame, splits, store.meta.rows_sha256)
     out = config.job_output_dir()
     split_table(frame, splits, groups).to_csv(out / "split.csv", index=False)

@@ -28,7 +28,7 @@ def test_a_store_opened_from_python_gives_features_and_labels(tiny_demo):
     store = pc.open_store(tiny_demo.joinpath(*STORE))
     pins = store.embedded()
     X, y = store.vectors_of(pins), pins["category"].to_numpy()
-    assert X.shape == (145, store.meta.dim) and X.dtype == np.float32 and len(set(y)) == 4
+    assert X.shape == (147, store.meta.dim) and X.dtype == np.float32 and len(set(y)) == 4
 
 
 def test_images_embedded_like_the_store_match_its_rows(tiny_demo, tmp_path):

@@ -78,7 +78,7 @@ def audited(tmp_path_factory):
     common = [f"paths.work={work}", f"data.root={root}", *PIX]
     extract(make_cfg("extract", [*common, "extract.workers=0", "mlflow.enabled=false"]), progress=False)
     uri = f"sqlite:///{base / 'mlflow.db'}"
-    result = audit(make_cfg("audit", [*common, "audit.near_threshold=0.99", "audit.folds=3",
+    result = audit(make_cfg("audit", [*common, "repins.threshold=0.99", "audit.folds=3",
                                       f"mlflow.tracking_uri={uri}"]), progress=False)
     return {"root": root, "work": work, "common": common, "uri": uri, **result}
 

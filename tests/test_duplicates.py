@@ -1,5 +1,5 @@
-"""Repins: exact copies by digest, near copies by embedding similarity, and splits that keep every copy of a
-test pin off the training side (drop or link), on real files and real scans."""
+"""Repins: exact copies by digest, near copies by embedding similarity verified on the pixels, and splits that
+keep every copy of a test pin off the training side (drop or link), on real files and real scans."""
 
 import io
 import shutil
@@ -11,33 +11,40 @@ from PIL import Image
 
 from pinterest_cls.extract import extract
 from pinterest_cls.neighbors.duplicates import (
+    CopyPolicy,
     components,
     drop_train_copies,
     duplicate_groups,
     exact_pairs,
+    find_copies,
     keep_one,
     link_boards,
-    near_pairs,
 )
 from pinterest_cls.train import train
 
 from .helpers import make_cfg, make_pinterest_export
 
 
-def test_near_pairs_find_copies_without_an_all_pairs_matrix():
+def test_near_candidates_come_from_the_neighbour_graph():
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(500, 32)).astype(np.float32)
     emb[10] = emb[3] * 2.0 + rng.normal(scale=0.01, size=32)  # a scaled, slightly changed copy
     emb[400] = emb[250]
-    pairs = near_pairs(emb, threshold=0.99, k=5, block=64)  # several blocks
-    assert set(zip(pairs["a"], pairs["b"])) == {(3, 10), (250, 400)}
-    assert (pairs["similarity"] >= 0.99).all()
+    given = CopyPolicy(0.99, "given", verify=False, min_score=0.97, k=5)
+    found = find_copies([None] * 500, [""] * 500, given, vectors=emb)
+    pairs = found.attrs["pairs"]
+    assert set(zip(pairs["a"], pairs["b"])) == {(3, 10), (250, 400)} and (pairs["kind"] == "near").all()
+    assert (pairs["similarity"] >= 0.99).all() and found.attrs["candidates"] == 2
+    g = found["group"].to_numpy()
+    assert g[3] == g[10] != g[250] == g[400] and (np.delete(g, [3, 10, 250, 400]) == -1).all()
+    off = find_copies([None] * 500, [""] * 500, CopyPolicy(None, "off", verify=True, min_score=0.97, k=5), vectors=emb)
+    assert (off["group"] == -1).all() and off.attrs["candidates"] == 0
 
 
 def test_groups_links_and_drops():
     digests = ["x", "y", "x", None, "z", "y", None]
     assert set(zip(exact_pairs(digests)["a"], exact_pairs(digests)["b"])) == {(0, 2), (1, 5)}
-    found = duplicate_groups(digests, None, None)
+    found = duplicate_groups(digests)
     g = found["group"].to_numpy()
     assert g[0] == g[2] != g[1] == g[5] and (g[[3, 4, 6]] == -1).all()
     assert list(found["kind"]) == ["exact", "exact", "exact", "", "", "exact", ""]
@@ -116,7 +123,8 @@ def test_no_test_pin_keeps_a_copy_on_the_training_side(tmp_path, repinned, split
     dropped = table[table["side"] == "dropped"]
     assert len(dropped) == p["pins_dropped"] and (dropped["reason"] == "a copy is on the test side").all()
     assert link["params"]["boards_linked"] >= 1 and link["params"]["pins_dropped"] == 0
-    assert "repins link, exact + near >= 0.98" in link["params"]["protocol"]
+    assert "repins link, exact + near >= 0.98 given, verified" in link["params"]["protocol"]
+    assert p["repins_threshold_source"] == "given" and p["near_candidates"] >= 2
 
 
 def test_keep_one_leaves_one_pin_per_duplicate_group_and_side(tmp_path, repinned):
@@ -127,7 +135,7 @@ def test_keep_one_leaves_one_pin_per_duplicate_group_and_side(tmp_path, repinned
     def per_side(result):
         table = pd.read_csv(result["output_dir"] / "split.csv")
         copies = {("cats0", "p0"), ("cats1", "copy"), ("cats2", "copy"), ("dogs0", "p1"), ("dogs1", "copy"),
-                  ("dogs2", "copy")}
+                  ("dogs2", "copy"), ("fish0", "p2"), ("fish1", "near"), ("fish2", "near")}
         table = table[[(b, p) in copies for b, p in zip(table["board"], table["pin"])]]
         table = table.assign(group=table["board"].str.rstrip("012"))
         return table[table["side"] != "dropped"].groupby(["group", "side"]).size(), table
@@ -151,3 +159,25 @@ def test_link_needs_a_board_split(tmp_path, repinned):
 
     with pytest.raises(UserError, match="repins.mode=link keeps linked boards on one side.*use repins.mode=drop"):
         run(tmp_path, repinned, "split=stratified", "repins.mode=link")
+
+
+def test_repins_settings_are_checked_and_the_old_audit_key_is_refused(tmp_path):
+    from omegaconf import OmegaConf
+
+    from pinterest_cls.audit import audit
+    from pinterest_cls.core.errors import UserError
+    from pinterest_cls.neighbors.duplicates import copy_policy
+
+    def policy(threshold, verify=True, folder=None):
+        repins = OmegaConf.merge(make_cfg("train", []).repins, {"threshold": threshold, "verify": verify})
+        return copy_policy(repins, folder, None)
+
+    for bad, message in (("abc", "must be auto .* off, or a cosine"), (2, "between -1 and 1")):
+        with pytest.raises(UserError, match=message):
+            policy(bad)
+    assert policy("off").describe() == "exact"
+    given = policy(0.9, verify=False)
+    assert given.describe() == "exact + near >= 0.9 given, unverified" and given.params()["repins_verify"] is False
+    assert policy("auto", folder=tmp_path).describe() == "exact (store not calibrated)"
+    with pytest.raises(UserError, match="audit.near_threshold is now repins.threshold"):
+        audit(make_cfg("audit", [f"paths.work={tmp_path}", "audit.near_threshold=0.95"]), progress=False)

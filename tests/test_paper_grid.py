@@ -39,7 +39,7 @@ def test_paper_grid_tiny_end_to_end_on_the_demo(tmp_path):
     work = tmp_path / "work"
     e = ["+experiment=paper_grid_tiny", f"paths.work={work}"]
     proc = run_verb("scan", *e, cwd=tmp_path)
-    assert proc.returncode == 0 and "ok 145" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "ok 147" in proc.stdout, proc.stderr
     proc = run_verb("status", *e, "status.require_complete=true", cwd=tmp_path)
     assert proc.returncode == 1 and "0 of 4 stores complete" in proc.stdout
     # extract as a sweep over the grid needs backbones=null (else each job would extract all four)

@@ -46,7 +46,7 @@ def test_demo_export_every_pin_judged_right(work):
     assert len(regular) == len(demo.BOARDS) * demo.PINS_PER_BOARD
     assert set(regular.status) == {"ok"} and set(regular.format) == {"JPEG"}
     assert set(zip(regular.width, regular.height)) == {demo.SIZE}
-    assert report["status"] == {"ok": 145, "corrupt": 3, "missing": 1, "rejected": 9}
+    assert report["status"] == {"ok": 147, "corrupt": 3, "missing": 1, "rejected": 9}
     assert report["skipped_users"] == ["dana"] and report["stray_files"] == 1
     cats = json.loads((work / "demo" / "categories.json").read_text())
     assert cats == {"desert": 0, "forest": 1, "night_sky": 2, "ocean": 3}
@@ -180,5 +180,5 @@ def test_bad_inputs_exit_with_one_line(tmp_path):
 def test_cli_default_runs_on_demo(tmp_path):
     proc = run_verb("scan", cwd=tmp_path)  # no arguments at all: demo data into ./work
     assert proc.returncode == 0, proc.stderr
-    assert "ok 145, corrupt 3, missing 1, rejected 9" in proc.stdout
+    assert "ok 147, corrupt 3, missing 1, rejected 9" in proc.stdout
     assert (tmp_path / "work" / "demo" / MANIFEST).is_file()

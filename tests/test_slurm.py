@@ -169,18 +169,18 @@ def test_a_job_at_its_time_limit_is_resubmitted_and_finishes(slurm, export, refe
     _assert_same_store(work, reference)
     (job,) = _job_folders(work, array=False)
     log = "".join(p.read_text() for p in sorted(job.glob("*_log.*")))
-    stops = [int(n) for n in re.findall(r"SIGUSR2: stopped after committing every written row .* (\d+)/145 rows", log)]
+    stops = [int(n) for n in re.findall(r"SIGUSR2: stopped after committing every written row .* (\d+)/147 rows", log)]
     assert stops and "this job is timed-out" in log and "Requeued job" in log, log[-2000:]
     for committed in stops:  # each attempt resumed where the one before it stopped
-        assert f"resuming shard 0/1 rows [0, 145) at row {committed} " in log
+        assert f"resuming shard 0/1 rows [0, 147) at row {committed} " in log
     # every stop was a requeue, and the last attempt completed (SLURM may still record it FAILED when the time
     # limit's SIGUSR2 reaches srun just after the work is done; the job's result is what counts)
     attempts = [s for _, s in _sacct(slurm, job.name)]
     assert attempts.count("REQUEUED") == len(stops) == len(attempts) - 1, attempts
     assert log.rstrip().endswith("Exiting after successful completion") or "Job completed successfully" in log
     # the last attempt embedded only the rows left after the last stop
-    timings = _store(work) / "timings" / f"rows_0000000000_0000000145_from_{stops[-1]:010d}.csv"
-    assert pd.read_csv(timings)["images"].sum() == 145 - stops[-1]
+    timings = _store(work) / "timings" / f"rows_0000000000_0000000147_from_{stops[-1]:010d}.csv"
+    assert pd.read_csv(timings)["images"].sum() == 147 - stops[-1]
 
 
 def test_a_train_sweep_on_slurm_logs_four_runs_into_a_tracking_server(slurm, export, reference, tmp_path):

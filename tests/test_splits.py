@@ -50,7 +50,7 @@ def test_a_predefined_split_tests_the_named_user(tiny_demo, frame):
 
 
 def test_a_predefined_split_that_matches_nothing_is_an_error(tiny_demo, frame):
-    with pytest.raises(UserError, match="split=predefined: 0 of 145 rows have user == 'nobody'"):
+    with pytest.raises(UserError, match="split=predefined: 0 of 147 rows have user == 'nobody'"):
         splits(tiny_demo, frame, "split=predefined", "split.test_value=nobody")
 
 

@@ -30,8 +30,8 @@ def store_copy(tiny_demo, tmp_path):
 
 def test_a_store_reads_back_its_rows_pins_and_meta(tiny_demo):
     store = open_store(tiny_demo.joinpath(*STORE))
-    assert store.vectors.shape == (145, store.meta.dim) and store.vectors.dtype == np.float16
-    assert len(store.pins) == 145 and store.embedded()["embedded"].all()
+    assert store.vectors.shape == (147, store.meta.dim) and store.vectors.dtype == np.float16
+    assert len(store.pins) == 147 and store.embedded()["embedded"].all()
     assert store.meta.format_version == FORMAT_VERSION and store.meta.complete
     assert store.meta.backbone == "test_efficientnet" and store.meta.extract.runtime == "torch"
     pins = store.pins.iloc[[3, 7]]

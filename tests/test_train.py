@@ -84,7 +84,7 @@ def test_kfold_metrics_have_std(demo_work):
                         "mlflow.enabled=false"))
     assert {"test_accuracy", "test_accuracy_std", "test_f1_macro_std"} <= set(r["metrics"])
     preds = pd.read_csv(r["output_dir"] / "predictions.csv")
-    assert len(preds) == 145 and sorted(preds["fold"].unique()) == [0, 1, 2]
+    assert len(preds) == 147 and sorted(preds["fold"].unique()) == [0, 1, 2]
 
 
 def test_sampling_cap_and_preprocessing(demo_work):

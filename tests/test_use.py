@@ -56,7 +56,7 @@ def test_cluster(trained):
     assert {"nmi", "ari", "homogeneity", "completeness", "purity", "silhouette", "objective"} <= set(m)
     assert 0 <= m["nmi"] <= 1 and -1 <= m["ari"] <= 1 and 0.25 <= m["purity"] <= 1
     comp = r["composition"]
-    assert comp.shape == (4, 4) and comp.to_numpy().sum() == 145  # k defaults to the number of categories
+    assert comp.shape == (4, 4) and comp.to_numpy().sum() == 147  # k defaults to the number of categories
     km = joblib.load(r["model_dir"] / "kmeans.joblib")
     emb, index, _ = read_store(work / "demo" / "embeddings" / "test_efficientnet")
     from sklearn.preprocessing import normalize

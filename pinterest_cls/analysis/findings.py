@@ -24,10 +24,12 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from pinterest_cls.core import config
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.core.fileio import atomic_write_json
 from pinterest_cls.data.metadata import StoreMeta
-from pinterest_cls.neighbors.duplicates import duplicate_groups, pairs_from_graph
+from pinterest_cls.data.pixel_match import PIXEL_SCORES, ScoreCache
+from pinterest_cls.neighbors.duplicates import CopyPolicy, find_copies
 from pinterest_cls.neighbors.faiss_index import FaissNeighbors, blocks, read_rows, unit_rows
 
 log = logging.getLogger(__name__)
@@ -164,16 +166,20 @@ def board_table(frame: pd.DataFrame, suggested: np.ndarray, max_agreement: float
     return out.reset_index().sort_values(["agreement", "user", "board"], kind="stable").reset_index(drop=True)
 
 
-def duplicate_table(frame: pd.DataFrame, digests: np.ndarray, sims: np.ndarray, ids: np.ndarray,
-                    threshold: float | None) -> pd.DataFrame:
-    """``duplicates.csv``: one row per pin in a group of two or more exact (same content digest) or near (cosine
-    >= ``threshold`` in the k-NN graph) copies, groups numbered largest first, with how many boards, users and
-    categories each group spans."""
-    near = pairs_from_graph(sims, ids, threshold) if threshold is not None else None
-    found = duplicate_groups(digests, None, threshold, near=near)
+def duplicate_table(frame: pd.DataFrame, digests: np.ndarray, policy: CopyPolicy,
+                    graph: tuple[np.ndarray, np.ndarray], progress=None, cache=None) -> pd.DataFrame:
+    """``duplicates.csv``: one row per pin in a group of two or more copies, exact (same content digest) or near
+    (``policy``: ``neighbors.duplicates.find_copies`` over the k-NN ``graph``, as ``train`` finds them), groups
+    numbered largest first, with how many boards, users and categories each group spans, and the weakest near
+    link that made it (``similarity``: cosine; ``pixel_score``: the pixel check; empty for exact copies). Its
+    ``attrs`` hold the near candidates and those the pixels refused."""
+    found = find_copies(digests, frame["path"].to_numpy(), policy, graph=graph, progress=progress, cache=cache)
+    weakest = _weakest_links(found)
     cols = KEYS + ["category", "path"]
     d = frame[cols].assign(group=found["group"].to_numpy(), kind=found["kind"].to_numpy())
     d = d[d["group"] >= 0].copy()
+    d["similarity"] = d["group"].map(weakest["similarity"]).astype(np.float64)
+    d["pixel_score"] = d["group"].map(weakest["pixel_score"]).astype(np.float64)
     d["board_key"] = joined_keys(d, KEYS[:2])
     g = d.groupby("group")
     d["group_size"] = g["pin"].transform("size")
@@ -183,8 +189,22 @@ def duplicate_table(frame: pd.DataFrame, digests: np.ndarray, sims: np.ndarray, 
     order = d.groupby("group")["group_size"].first().sort_values(ascending=False, kind="stable")
     d["group"] = d["group"].map({old: new for new, old in enumerate(order.index)})
     d = d.sort_values(["group", "user", "board", "pin"], kind="stable")
-    return d[["group", "kind", *cols[:-1], "group_size", "group_boards", "group_users", "group_categories",
-              "path"]].reset_index(drop=True)
+    out = d[["group", "kind", *cols[:-1], "group_size", "group_boards", "group_users", "group_categories",
+             "similarity", "pixel_score", "path"]].reset_index(drop=True)
+    out.attrs.update(candidates=found.attrs["candidates"], rejected=found.attrs["rejected"])
+    return out
+
+
+def _weakest_links(found: pd.DataFrame) -> pd.DataFrame:
+    """Per duplicate group, the lowest cosine and pixel score of its near links (NaN for exact-only groups)."""
+    pairs = found.attrs["pairs"]
+    near = pairs[pairs["kind"] == "near"]
+    if near.empty:
+        return pd.DataFrame(columns=["similarity", "pixel_score"], dtype=np.float64)
+    near = near.assign(group=found["group"].to_numpy()[near["a"].to_numpy(np.int64)])
+    if "pixel_score" not in near.columns:
+        near = near.assign(pixel_score=np.nan)
+    return near.groupby("group")[["similarity", "pixel_score"]].min()
 
 
 def outlier_table(frame: pd.DataFrame, nn: FaissNeighbors, fraction: float) -> pd.DataFrame:
@@ -208,9 +228,10 @@ def audited_pins(index: pd.DataFrame) -> pd.DataFrame:
     return rows[["row", *KEYS, "category", "path"]].astype({k: str for k in KEYS + ["category"]})
 
 
-def run_audit(cfg: DictConfig, emb, frame: pd.DataFrame, digests: np.ndarray, by_board: bool,
+def run_audit(cfg: DictConfig, emb, frame: pd.DataFrame, digests: np.ndarray, by_board: bool, policy: CopyPolicy,
               progress_factory=None) -> Findings:
-    """All four findings for the pins ``frame`` of the store ``emb`` (``cfg.audit`` settings)."""
+    """All four findings for the pins ``frame`` of the store ``emb`` (``cfg.audit`` settings; copies by
+    ``policy``)."""
     a = cfg.audit
     rows = frame["row"].to_numpy()
     classes, y = np.unique(frame["category"].to_numpy(), return_inverse=True)
@@ -231,12 +252,15 @@ def run_audit(cfg: DictConfig, emb, frame: pd.DataFrame, digests: np.ndarray, by
     nn = FaissNeighbors(int(a.k), seed=int(a.seed), progress=bar).fit(emb, rows)
     sims, ids = nn.self_graph()
     _close(bar)
-    threshold = None if a.near_threshold is None else float(a.near_threshold)
-    dups = duplicate_table(frame, digests, sims, ids, threshold)
+    bar = progress_factory(None, "pixel check of near copies", "pair") if progress_factory else None
+    dups = duplicate_table(frame, digests, policy, (sims, ids), bar, ScoreCache(config.data_dir(cfg) / PIXEL_SCORES))
+    _close(bar)
     outliers = outlier_table(frame, nn, float(a.outlier_fraction))
     oof_accuracy = float((probs.argmax(axis=1) == y).mean())
     info = {"folds": int(len(np.unique(folds))), "folds_by": "board" if by_board else "pin",
-            "neighbour_index": nn.kind_, "k": int(a.k), "near_threshold": threshold, "oof_accuracy": oof_accuracy,
+            "neighbour_index": nn.kind_, "k": int(a.k), "copies": policy.describe(), "repins": policy.params(),
+            "near_candidates": dups.attrs["candidates"], "near_candidates_rejected": dups.attrs["rejected"],
+            "oof_accuracy": oof_accuracy,
             "categories": classes.tolist()}
     return Findings(frame, dups, labels, boards, outliers, info)
 

@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pinterest_cls.analysis.findings import FILES, Findings
@@ -60,9 +61,20 @@ def _duplicate_section(page: Page, d: pd.DataFrame, top: int) -> None:
         tiles = [page.tile(r.path, _thumb_name(r),
                            [esc(f"{r.user}/{r.board}/{r.pin}"), esc(f"{r.category} ({r.kind})")])
                  for r in g.head(8).itertuples()]
-        groups.append(f'<div class="group"><b>group {gid}</b>: {esc(spans)}<div class="tiles">{"".join(tiles)}'
-                      "</div></div>")
+        groups.append(f'<div class="group"><b>group {gid}</b>: {esc(spans)}; {esc(_evidence(g))}'
+                      f'<div class="tiles">{"".join(tiles)}</div></div>')
     page.tiles(groups)
+
+
+def _evidence(g: pd.DataFrame) -> str:
+    """What made a duplicate group: byte-identical files, and the weakest near link's cosine and pixel score."""
+    parts = ["byte-identical copies"] if (g["kind"] == "exact").any() else []
+    sim = g["similarity"].iloc[0] if "similarity" in g.columns else np.nan
+    if pd.notna(sim):
+        pixel = g["pixel_score"].iloc[0]
+        parts.append(f"near copies at cosine >= {sim:.3f}" +
+                     (f", pixel score >= {pixel:.3f}" if pd.notna(pixel) else " (not verified on pixels)"))
+    return " and ".join(parts)
 
 
 def _count(n: int, word: str) -> str:

@@ -21,6 +21,10 @@ chen/drafts                     an empty board_category.txt                     
 dana/                           a user without per_board                        skipped
 alice/per_board/notes.txt       a stray file beside boards                      ignored
 ==============================  ==============================================  =====================
+
+and two repins across boards of one category (``REPINS``), which ``audit`` finds and ``train`` keeps off the
+training side of their copy: an exact copy (the same bytes) and a near copy (downscaled to 60 %, re-encoded at
+JPEG quality 60).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from pinterest_cls.core.fileio import locked, mp_context
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # 2: look-alike categories, blended pins and board styles
+VERSION = 3  # 2: look-alike categories, blended pins and board styles; 3: two repins
 MARKER = ".pinterest_cls_demo.json"
 IMAGE_NAME = "pin_closeup_image.jpg"
 SIZE = (192, 256)  # width x height: a portrait pin, as on Pinterest
@@ -71,6 +75,13 @@ BLEND_WEIGHT = (0.15, 0.65)  # the look-alike's weight in a blended pin: above 0
 BOARD_STYLES = {"blue_water": (0.55, (0, 0, 20)), "pines": (1.0, (40, 25, 0)), "dunes": (1.15, (0, 20, 0)),
                 "moonlight": (1.6, (10, 10, 0))}
 
+
+#: Repins: (kind, (user, board, pin) of the original, (user, board, pin) of its copy on another board).
+REPINS = [
+    ("exact", ("alice", "ocean_waves", "pin_003"), ("chen", "blue_water", "repin_003")),
+    ("near", ("alice", "hiking", "pin_005"), ("chen", "pines", "repin_005")),
+]
+NEAR_COPY = {"scale": 0.6, "quality": 60}
 
 REJECTED_BOARDS = [
     ("alice", "misc", "Other\n"),  # category 'other'
@@ -179,6 +190,19 @@ def generate_demo_export(root: Path) -> Path:
             pdir.mkdir()
             (pdir / IMAGE_NAME).write_bytes(_jpeg_bytes(_pin(category, board, rng)))
             (pdir / "pin.json").write_text(json.dumps({"pin": f"pin_{p:03d}", "board": board}))
+    for kind, (user, board, pin), (to_user, to_board, to_pin) in REPINS:
+        data = (root / user / "per_board" / board / pin / IMAGE_NAME).read_bytes()
+        if kind == "near":
+            im = Image.open(io.BytesIO(data))
+            im = im.resize((round(im.width * NEAR_COPY["scale"]), round(im.height * NEAR_COPY["scale"])),
+                           Image.BICUBIC)
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=NEAR_COPY["quality"])
+            data = buf.getvalue()
+        pdir = root / to_user / "per_board" / to_board / to_pin
+        pdir.mkdir()
+        (pdir / IMAGE_NAME).write_bytes(data)
+        (pdir / "pin.json").write_text(json.dumps({"pin": to_pin, "board": to_board}))
     for user, board, text in REJECTED_BOARDS:
         bdir = root / user / "per_board" / board
         bdir.mkdir(parents=True)

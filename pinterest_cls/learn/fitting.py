@@ -210,7 +210,7 @@ def run_params(cfg: DictConfig, store: Store, frame: pd.DataFrame, splits, fitte
     and chosen, its protocol, every setting of the model, and ``extra`` (counts of copies and exclusions, the
     interval method)."""
     meta = store.meta
-    protocol = train_protocol(cfg, splits.name, fitted.inner_kind)
+    protocol = train_protocol(cfg, splits.name, fitted.inner_kind, extra.get("repins_copies", ""))
     params = {
         "backbone": str(cfg.backbone.name), "classifier": str(cfg.classifier.name), "split": splits.name,
         "split_seed": int(cfg.split.seed), "test_size": cfg.split.get("test_size"), "folds": len(splits.folds),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from pinterest_cls.core import config
+from pinterest_cls.neighbors.duplicates import possible_descriptions
 
 
 def resolve_split_name(name: str, layout: str) -> str:
@@ -35,13 +36,13 @@ def protocol_settings(split, max_per_category, sampling_seed, inner: str, repins
             f"repins {repins}" + (f"; {exclusion}" if exclusion else ""))
 
 
-def repins_settings(mode: str, threshold, keep_one: bool = False) -> str:
-    """How a run handled copies across the split, as its protocol records it: ``off``, ``drop, exact`` or
-    ``drop, exact + near >= 0.95`` (``link`` likewise), with ``, one per group`` under ``repins.keep_one``."""
+def repins_settings(mode: str, copies: str = "exact", keep_one: bool = False) -> str:
+    """How a run handled copies across the split, as its protocol records it: ``off``, or the mode and the copies
+    it found (``CopyPolicy.describe``): ``drop, exact + near calibrated, verified``, ``drop, exact + near >= 0.95
+    given, verified``, ``link, exact (store not calibrated)``, with ``, one per group`` under ``repins.keep_one``."""
     if mode == "off":
         return mode
-    return (f"{mode}, exact" + ("" if threshold is None else f" + near >= {threshold:g}")
-            + (", one per group" if keep_one else ""))
+    return f"{mode}, {copies}" + (", one per group" if keep_one else "")
 
 
 def protocol(settings: str, rows_sha256: str) -> str:
@@ -64,18 +65,20 @@ def exclusion_settings(kinds, sides: str) -> str:
 NO_PROTOCOL = "(not recorded: a run from before protocols were logged)"
 
 
-def train_protocol(cfg: DictConfig, split_name: str, inner: str) -> str:
+def train_protocol(cfg: DictConfig, split_name: str, inner: str, copies: str) -> str:
     """The protocol settings of the train run ``cfg``, its split resolved to ``split_name`` (not ``auto``);
-    ``inner``: how its inner CV folded (``by board``, ``by pin``, ``by pin, leaky``)."""
+    ``inner``: how its inner CV folded (``by board``, ``by pin``, ``by pin, leaky``); ``copies``: the copies it
+    looked for (``CopyPolicy.describe``)."""
     split = OmegaConf.merge(cfg.split, {"name": split_name})
-    repins = repins_settings(str(cfg.repins.mode), cfg.repins.threshold, bool(cfg.repins.keep_one))
+    repins = repins_settings(str(cfg.repins.mode), copies, bool(cfg.repins.keep_one))
     exclusion = exclusion_settings(config.select(cfg, "audit.exclude"), str(config.select(cfg, "audit.exclude_from")))
     return protocol_settings(split, cfg.sampling.max_per_category, int(cfg.sampling.seed), inner, repins, exclusion)
 
 
-def default_protocol_settings(cfg: DictConfig) -> str:
-    """The protocol settings of a ``train`` run with default settings on this data (``report.protocol=default``)."""
+def default_protocol_settings(cfg: DictConfig) -> list[str]:
+    """The protocol settings of a ``train`` run with default settings on this data (``report.protocol=default``):
+    on a calibrated store, and on one that is not (exact copies only), in that order of preference."""
     layout = str(cfg.data.layout)
     tcfg = config.compose("train", [f"data.layout={layout}"])
-    return train_protocol(tcfg, resolve_split_name(str(tcfg.split.name), layout),
-                          "by board" if layout == "pinterest" else "by pin")
+    split, inner = resolve_split_name(str(tcfg.split.name), layout), "by board" if layout == "pinterest" else "by pin"
+    return [train_protocol(tcfg, split, inner, copies) for copies in possible_descriptions(tcfg.repins)]

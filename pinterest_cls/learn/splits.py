@@ -13,9 +13,20 @@ from omegaconf import DictConfig
 
 from pinterest_cls.core import config
 from pinterest_cls.core.errors import UserError
+from pinterest_cls.core.progress import progress_bar
 from pinterest_cls.data.manifest import pin_digests
+from pinterest_cls.data.pixel_match import PIXEL_SCORES, ScoreCache
 from pinterest_cls.learn.protocol import resolve_split_name
-from pinterest_cls.neighbors.duplicates import drop_train_copies, duplicate_groups, keep_one, leaked, link_boards
+from pinterest_cls.neighbors.duplicates import (
+    NOT_CALIBRATED,
+    calibration_note,
+    copy_policy,
+    drop_train_copies,
+    find_copies,
+    keep_one,
+    leaked,
+    link_boards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +63,22 @@ def board_keys(frame: pd.DataFrame) -> np.ndarray:
     return (frame["user"].astype(str) + "/" + frame["board"].astype(str)).to_numpy()
 
 
-def find_repins(cfg: DictConfig, frame: pd.DataFrame, X: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Duplicate group of each sampled pin (-1: no copy among them), from the scan's content digests (exact
-    copies) and the embeddings (near copies: cosine >= ``repins.threshold``), and counts for the run."""
-    digests = pin_digests(cfg, frame)
-    threshold = None if cfg.repins.threshold is None else float(cfg.repins.threshold)
-    found = duplicate_groups(digests, X if threshold is not None else None, threshold, k=int(cfg.repins.k))
+def find_repins(cfg: DictConfig, frame: pd.DataFrame, X: np.ndarray, store, progress: bool = False
+                ) -> tuple[np.ndarray, dict]:
+    """Duplicate group of each sampled pin (-1: no copy among them) by the ``repins`` settings on ``store`` (its
+    calibration; ``neighbors.duplicates.find_copies``, as ``audit`` finds them): exact copies from the scan's
+    content digests, near copies among the embeddings ``X`` verified on the pins' files; and counts for the run."""
+    policy = copy_policy(cfg.repins, store.folder, store.meta)
+    if policy.source == NOT_CALIBRATED:
+        log.warning(calibration_note(store.folder, store.meta, str(cfg.backbone.name)))
+    with progress_bar(None, "pixel check of near copies", "pair", progress and policy.verify) as bar:
+        found = find_copies(pin_digests(cfg, frame), frame["path"].to_numpy(), policy, vectors=X, progress=bar,
+                            cache=ScoreCache(config.data_dir(cfg) / PIXEL_SCORES))
     groups = found["group"].to_numpy()
-    info = {"repins_threshold": threshold, "duplicate_groups": int(len(np.unique(groups[groups >= 0]))),
-            "pins_with_copies": int((groups >= 0).sum()), "exact_copies": int((found["kind"] == "exact").sum())}
+    info = {**policy.params(), "repins_copies": policy.describe(),
+            "duplicate_groups": int(len(np.unique(groups[groups >= 0]))), "pins_with_copies": int((groups >= 0).sum()),
+            "exact_copies": int((found["kind"] == "exact").sum()), "near_candidates": found.attrs["candidates"],
+            "near_candidates_rejected": found.attrs["rejected"]}
     return groups, info
 
 
@@ -265,21 +283,24 @@ def inner_cv(cfg: DictConfig, frame: pd.DataFrame, y: np.ndarray, grouped: bool,
     return StratifiedKFold(n_splits=n, shuffle=True, random_state=seed), None, desc, leaky
 
 
-def split_for_run(cfg: DictConfig, frame: pd.DataFrame, X: np.ndarray, y: np.ndarray
-                  ) -> tuple[Splits, np.ndarray | None, dict]:
-    """The run's split, with repins handled as ``repins.*`` asks: (splits, duplicate group per pin or None,
-    counts for the run's params)."""
+def split_for_run(cfg: DictConfig, frame: pd.DataFrame, X: np.ndarray, y: np.ndarray, store,
+                  progress: bool = False) -> tuple[Splits, np.ndarray | None, dict]:
+    """The run's split, with repins handled as ``repins.*`` asks on ``store`` (its calibration): (splits,
+    duplicate group per pin or None, counts for the run's params, among them ``repins_copies``, what the protocol
+    records)."""
     mode = str(cfg.repins.mode)
     if mode not in ("drop", "link", "off"):
         raise UserError(f"repins.mode={mode!r} must be drop, link or off")
     if mode == "off":
         if bool(cfg.repins.keep_one):
             raise UserError("repins.keep_one=true needs the duplicate groups: set repins.mode=drop or link")
-        return make_splits(cfg, frame, y), None, {"repins_mode": "off"}
-    groups, info = find_repins(cfg, frame, X)
+        return make_splits(cfg, frame, y), None, {"repins_mode": "off", "repins_copies": ""}
+    groups, info = find_repins(cfg, frame, X, store, progress)
     splits, more = apply_repins(cfg, frame, y, groups)
     info.update(more)
-    log.info(f"repins: {info['pins_with_copies']} pins in {info['duplicate_groups']} duplicate groups; "
+    log.info(f"repins ({info['repins_copies']}): {info['pins_with_copies']} pins in {info['duplicate_groups']} "
+             f"duplicate groups ({info['near_candidates']} near candidates, {info['near_candidates_rejected']} "
+             "refused by their pixels); "
              f"{info['test_pins_with_train_copy_before']} test pins had a copy in training; "
              + (f"{info['boards_linked']} boards linked" if info["repins_mode"] == "link"
                 else f"{info['pins_dropped']} training pins dropped")

@@ -19,7 +19,6 @@ import atexit
 import contextlib
 import fcntl
 import getpass
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from pinterest_cls.core import config
 from pinterest_cls.core.cli import command
 from pinterest_cls.core.provenance import provenance
+from pinterest_cls.data.metadata import fingerprint_digest
 
 _held = threading.local()
 
@@ -180,7 +180,7 @@ def embeddings_dataset(folder: Path, fingerprint: dict, name: str):
     from mlflow.data.dataset_source_registry import get_dataset_source_from_json
     from mlflow.data.meta_dataset import MetaDataset
 
-    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = fingerprint_digest(fingerprint)
     # a local folder, stated (resolving the URI would find two equal local sources and warn)
     source = get_dataset_source_from_json(json.dumps({"uri": Path(folder).resolve().as_uri()}), source_type="local")
     return MetaDataset(source, name=name, digest=digest)
