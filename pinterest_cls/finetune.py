@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pinterest_cls.core import config
 from pinterest_cls.core.cli import verb_main
 from pinterest_cls.core.errors import UserError
-from pinterest_cls.finetuning.inputs import split_indices
+from pinterest_cls.finetuning.inputs import PIN_MODES, has_boards, split_indices, split_mode
 from pinterest_cls.finetuning.loop import fit_folds, run_params
 from pinterest_cls.finetuning.models import model_name
 from pinterest_cls.finetuning.sources import load_source
@@ -37,8 +37,13 @@ def finetune(cfg: DictConfig) -> dict:
     src = load_source(cfg)
     out = config.job_output_dir()
     folds = split_indices(cfg, src)
+    mode = split_mode(cfg, src)
+    leaky = mode in PIN_MODES and has_boards(cfg, src)
+    board = folds[0][4]
+    if board is not None:
+        board.table().to_csv(out / "split.csv", index=False)
     tags = {"model": model_name(cfg), "backbone": OmegaConf.select(cfg, "model.backbone", default=None),
-            "split": str(cfg.split.mode)}
+            "split": mode, **({"leaky_split": "true"} if leaky else {})}
     with mlflow_run(cfg, f"finetune-{model_name(cfg)}", "finetune", tags) as tracked:
         look_at_test = bool(cfg.evaluate_test)
         run = fit_folds(cfg, src, folds, out, look_at_test)
@@ -54,7 +59,9 @@ def finetune(cfg: DictConfig) -> dict:
         metrics["elapsed_s"] = elapsed
         if run.info.get("grad_scale") is not None:  # fp16: the GradScaler's final loss scale
             metrics["grad_scale"] = float(run.info["grad_scale"])
-        params = run_params(cfg, folds, run.info, look_at_test)
+        params = run_params(cfg, folds, run.info, look_at_test, mode)
+        if leaky:
+            params["split_leaky"] = True
         shown = ("test_accuracy", "test_f1_macro", "test_mse", "test_mae") if look_at_test else (
             "best_val_accuracy", "best_val_mae", "best_val_loss")
         summary = ", ".join(f"{k} {metrics[k]:.4f}" + (f" ± {metrics[k + '_std']:.4f}" if k + "_std" in metrics else "")
@@ -68,7 +75,7 @@ def finetune(cfg: DictConfig) -> dict:
             log.info("  recall per class: " + ", ".join(f"{c} {v:.3f}" for c, v in recalls.items() if v is not None))
         plots = [f for f in ("curves.png", "confusion_matrix.png") if (out / f).exists()]
         tracked.log(params=params, metrics=metrics, then=lambda: log_curves(run.histories),
-                    artifacts={**{out / f: "plots" for f in plots},
+                    artifacts={**{out / f: "plots" for f in plots}, **({out / "split.csv": ""} if board else {}),
                                **{ckpt: "checkpoints" for ckpt in sorted(out.glob("*_best.pt"))}})
     return {"metrics": metrics, "params": params, "histories": run.histories, "output_dir": out,
             "run_id": tracked.run_id}

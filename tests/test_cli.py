@@ -61,7 +61,7 @@ def test_help_describes_the_verb_and_only_the_groups_it_takes(tmp_path):
     assert "  data: export, fashion_mnist, npz  (default: export)" in text
     assert "\n  split:" not in text.split("Keys of finetune")[0]  # finetune's split is a key, not the group
     assert "classifier:" not in text and "backbone:" not in text
-    assert "  epochs: 15\n" in text and "mode: auto  # auto: the data's own train/test" in text
+    assert "  epochs: 15\n" in text and "  mode: auto\n" in text and "# auto: boards on data with boards" in text
     train = verb_help("train", pinterest_cls.train.__doc__)
     assert "  classifier: knn, logreg, mlp, random_forest, svm  (default: svm)" in train
     assert "  split: auto, group, kfold, predefined, random, stratified  (default: auto)" in train

@@ -48,7 +48,7 @@ def test_classification_from_scratch_logs_curves(tmp_path):
     m = r["metrics"]
     assert m["test_accuracy"] > 0.85, m
     assert {"test_f1_macro", "test_precision_vertical", "test_recall_centre"} <= set(m)
-    assert r["params"]["split"] == "auto" and r["params"]["n_test"] == 48  # fractions 0.64/0.16/0.2
+    assert r["params"]["split"] == "fractions" and r["params"]["n_test"] == 48  # split.mode=auto: 0.64/0.16/0.2
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'work'}/mlflow.db")
     history = client.get_metric_history(r["run_id"], "val_loss")
     assert [h.step for h in history] == [1, 2, 3]
@@ -168,7 +168,7 @@ def test_idx_data_and_unreadable_idx(tmp_path):
     assert read_idx(d / "train-images-idx3-ubyte.gz").shape == (120, 16, 16)
     r = run(tmp_path, "data=fashion_mnist", f"data.root={d}", "data.classes=[a,b,c]", "epochs=2",
             "mlflow.enabled=false")
-    assert r["params"]["n_test"] == 30 and r["params"]["split"] == "auto"  # the data's own test part
+    assert r["params"]["n_test"] == 30 and r["params"]["split"] == "own"  # split.mode=auto: the data's own test part
     with gzip.open(d / "t10k-labels-idx1-ubyte.gz", "wb") as f:
         f.write(b"\x00\x00\x0d\x01garbage")
     with pytest.raises(UserError, match=r"IDX file .*t10k-labels-idx1-ubyte.gz cannot be read: bad IDX header"):
@@ -218,7 +218,8 @@ def test_finetune_on_the_demo_export_with_linear_probe(tmp_path):
     args = ["model=timm", "model.name=test_efficientnet", "model.pretrained=false", "image_size=32",
             "mlflow.enabled=false"]
     r = run(tmp_path, *args, "epochs=1", "linear_probe_epochs=1")
-    assert r["params"]["data"] == "demo" and r["params"]["n_test"] == 29  # 20 % of the 145 ok pins
+    assert r["params"]["data"] == "demo" and r["params"]["split"] == "boards"
+    assert r["params"]["n_test"] == 50  # the four test boards of train's split=group, one per category
     torch.manual_seed(0)  # as finetune builds it: seed 0, 3 channels, the demo's 4 categories
     initial, _ = build_model(make_cfg("finetune", [f"paths.work={tmp_path / 'work'}", *FAST, *args]), 3, 4, 32)
     start = {k: v.detach() for k, v in initial.named_parameters()}

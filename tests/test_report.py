@@ -52,7 +52,7 @@ def test_a_leaky_run_never_wins_a_cell_of_the_default_protocol(runs):
     assert leaky["metrics"]["cv_f1_macro"] > fair["metrics"]["cv_f1_macro"]  # the leaky run would win the cell
     assert result["protocol"] == fair["params"]["protocol"]
     assert result["protocol"].startswith("split=group test_size=0.2 seed=1; cap=3000 seed=1; inner CV by board; "
-                                         "repins drop, exact; rows ")
+                                         "repins drop, exact (store not calibrated); rows ")
     best = result["best"].set_index("classifier")
     assert set(best.index) == {"knn", "svm"} and best.loc["knn", "run_id"] == fair["run_id"]
     assert result["tables"]["test_f1_macro"].loc["test_efficientnet", "knn"] == \

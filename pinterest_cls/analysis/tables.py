@@ -43,8 +43,10 @@ def choose_protocol(cfg: DictConfig, runs: pd.DataFrame) -> tuple[str, pd.DataFr
     listing = "; ".join(f"'{p}' ({n} runs)" for p, n in counts.items())
     note = ""
     if wanted == "default":
-        settings = default_protocol_settings(cfg)
-        ours = runs[runs[col].map(protocol_without_rows) == settings]
+        options = default_protocol_settings(cfg)  # on a calibrated store, then on one that is not
+        bare = runs[col].map(protocol_without_rows)
+        settings = next((o for o in options if (bare == o).any()), options[0])
+        ours = runs[bare == settings]
         if ours.empty and len(counts) == 1:
             wanted = str(counts.index[0])
             note = f"No train run used the default protocol ({settings}); every run shown used this one."
@@ -56,6 +58,41 @@ def choose_protocol(cfg: DictConfig, runs: pd.DataFrame) -> tuple[str, pd.DataFr
     elif wanted not in counts.index:
         raise UserError(f"report.protocol='{wanted}' matches no train run; the runs used: {listing}")
     return wanted, runs[runs[col] == wanted], counts.drop(wanted), note
+
+
+def test_side(protocol: str) -> str:
+    """A protocol without how its runs chose hyper-parameters (the inner CV of ``train``, the validation slice of
+    ``finetune``): what makes the test scores of two runs comparable."""
+    return "; ".join(part for part in str(protocol).split("; ") if not part.startswith("inner CV "))
+
+
+#: The column of the report's tables that holds ``finetune`` runs, and the metric that picks each model's run.
+FINETUNE, FINETUNE_SELECT_BY = "finetune", "best_val_accuracy"
+
+
+def finetune_runs(cfg: DictConfig, protocol: str) -> pd.DataFrame:
+    """Finished ``finetune`` runs of the experiment whose test side is that of ``protocol`` (``test_side``)."""
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_ids=[experiment_id(cfg)],
+                              filter_string="tags.verb = 'finetune' and status = 'FINISHED'", output_format="pandas")
+    if runs.empty or "params.protocol" not in runs.columns:
+        return runs.iloc[0:0]
+    return runs[runs["params.protocol"].fillna("").map(test_side) == test_side(protocol)].reset_index(drop=True)
+
+
+def best_finetune(runs: pd.DataFrame) -> pd.DataFrame:
+    """One cell per fine-tuned model (rows: the model, column ``finetune``): its run with the highest validation
+    accuracy (``FINETUNE_SELECT_BY``; no test data picks it), latest on ties."""
+    col = f"metrics.{FINETUNE_SELECT_BY}"
+    best = runs.sort_values([col, "start_time"], ascending=[False, False]).groupby("params.model").head(1)
+    return pd.DataFrame({
+        "backbone": best["params.model"].to_numpy(), "classifier": FINETUNE,
+        "test_f1_macro": best["metrics.test_f1_macro"].to_numpy(),
+        "test_accuracy": best["metrics.test_accuracy"].to_numpy(),
+        "split": best["params.split"].to_numpy(), "run_id": best["run_id"].to_numpy(),
+        "protocol": best["params.protocol"].to_numpy(), "inner_cv": "validation slice by board",
+    })
 
 
 def best_per_cell(runs: pd.DataFrame, select_by: str) -> pd.DataFrame:
@@ -181,6 +218,11 @@ def build_report(cfg: DictConfig) -> Report:
     chosen, mine, others, choice = choose_protocol(cfg, runs)
     select_by = str(cfg.report.select_by)
     best = best_per_cell(mine, select_by)
+    if bool(config.select(cfg, "report.finetune")):
+        fine = finetune_runs(cfg, chosen)
+        if not fine.empty:
+            best = pd.concat([best, best_finetune(fine)], ignore_index=True)
+            runs = pd.concat([runs, fine], ignore_index=True)
     rep = Report(chosen, runs, mine, others, best, select_by, choice=choice)
     for metric in METRICS:
         table = best.pivot(index="backbone", columns="classifier", values=metric)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from pinterest_cls.core import config
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.data.images import load_rgb
+from pinterest_cls.finetuning.boards import board_split
 from pinterest_cls.finetuning.sources import Source
+
+log = logging.getLogger(__name__)
 
 
 def _no_augment(aug_cfg) -> list:
@@ -129,16 +136,44 @@ def _kfold(cfg, src: Source, strat, seed: int) -> list:
     return out
 
 
-#: ``split.mode`` -> the function that makes that split (``auto``: ``own`` where the data has a test part).
-SPLIT_MODES = {"own": _own, "fractions": _fractions, "kfold": _kfold}
+def _boards(cfg, src: Source, strat, seed: int) -> list:
+    """Whole boards on each side under ``train``'s protocol (``finetuning.boards``)."""
+    if src.pins is None or str(config.select(cfg, "data.layout")) != "pinterest":
+        raise UserError("split.mode=boards needs data with boards (data=export with data.layout=pinterest)")
+    split = board_split(cfg, src.pins)
+    where = pd.Series(np.arange(len(src.images)), index=pd.Index(src.images))
+    index = where.loc[split.frame["path"]].to_numpy()  # the sampled pins' positions among the source's images
+    return [(index[split.train], index[split.val], (src.images, src.targets, index[split.test]), "", split)]
+
+
+#: ``split.mode`` -> the function that makes that split (``auto``: ``boards`` on data with boards, else ``own``
+#: where the data has a test part, else ``fractions``).
+SPLIT_MODES = {"boards": _boards, "own": _own, "fractions": _fractions, "kfold": _kfold}
+#: The modes that split pins one by one: leaky on data with boards (board-mates and copies on both sides).
+PIN_MODES = ("fractions", "kfold")
+
+
+def has_boards(cfg, src: Source) -> bool:
+    return src.pins is not None and str(config.select(cfg, "data.layout")) == "pinterest"
 
 
 def split_indices(cfg, src: Source):
-    """[(train idx, val idx, (test images, test targets, test idx), name)] for the configured split."""
-    mode = str(cfg.split.mode)
-    if mode == "auto":
-        mode = "own" if src.test_images is not None else "fractions"
+    """[(train idx, val idx, (test images, test targets, test idx), name, board split or None)] for the configured
+    split. A pin-level split of data with boards runs only when asked for, and is said to be leaky."""
+    mode = split_mode(cfg, src)
     if mode not in SPLIT_MODES:
         raise UserError(f"split.mode={mode!r} must be one of: auto, {', '.join(SPLIT_MODES)}")
+    if mode in PIN_MODES and has_boards(cfg, src):
+        log.warning(f"split.mode={mode} splits pins: board-mates and copies of a pin sit on both sides (leaky; "
+                    "tagged leaky_split=true). split.mode=boards keeps whole boards apart, as train does")
     strat = src.targets if cfg.task == "classification" else None
-    return SPLIT_MODES[mode](cfg, src, strat, int(cfg.seed))
+    folds = SPLIT_MODES[mode](cfg, src, strat, int(cfg.seed))
+    return [f if len(f) == 5 else (*f, None) for f in folds]
+
+
+def split_mode(cfg, src: Source) -> str:
+    """``split.mode`` resolved (``auto`` made concrete)."""
+    mode = str(cfg.split.mode)
+    if mode != "auto":
+        return mode
+    return "boards" if has_boards(cfg, src) else "own" if src.test_images is not None else "fractions"

@@ -251,7 +251,7 @@ class FoldRuns:
 def fit_folds(cfg, src: Source, folds: list, out: Path, look_at_test: bool) -> FoldRuns:
     """``fit_one`` on each fold of ``split_indices``, each best checkpoint saved in ``out``."""
     runs = FoldRuns()
-    for f, (tr, va, test, name) in enumerate(folds):
+    for f, (tr, va, test, name, _) in enumerate(folds):
         ckpt = out / (f"fold{f + 1}_best.pt" if len(folds) > 1 else "model_best.pt")
         h, outs, tgts, runs.info = fit_one(cfg, src, tr, va, test if look_at_test else None, name, ckpt)
         runs.histories.append(h)
@@ -267,13 +267,21 @@ def fit_folds(cfg, src: Source, folds: list, out: Path, look_at_test: bool) -> F
     return runs
 
 
-def run_params(cfg, folds: list, info: dict, look_at_test: bool) -> dict:
-    """A finetune run's MLflow params: the model and its weights, the optimisation, the split and the precision."""
-    return {"model": model_name(cfg), "pretrained": bool(cfg.model.pretrained),
-            "weights": info.get("weights"), "task": str(cfg.task), "epochs": int(cfg.epochs),
-            "batch_size": int(cfg.batch_size), "lr": float(cfg.optim.lr), "augment": str(cfg.augment),
-            "label_smoothing": float(cfg.optim.label_smoothing), "linear_probe_epochs": int(cfg.linear_probe_epochs),
-            "split": str(cfg.split.mode), "folds": len(folds), "seed": int(cfg.seed), "data": str(cfg.data.name),
-            "n_train": int(len(folds[0][0])), "n_test": int(np.sum([len(f[2][2]) for f in folds])),
-            "device": info.get("device"), "amp": info.get("amp"), "channels_last": str(cfg.channels_last),
-            "weight_decay": float(cfg.optim.weight_decay), "evaluate_test": look_at_test}
+def run_params(cfg, folds: list, info: dict, look_at_test: bool, split: str) -> dict:
+    """A finetune run's MLflow params: the model and its weights, the optimisation, the split (``split``: its mode
+    resolved; under the board protocol, its protocol and copies) and the precision."""
+    params = {"model": model_name(cfg), "pretrained": bool(cfg.model.pretrained),
+              "weights": info.get("weights"), "task": str(cfg.task), "epochs": int(cfg.epochs),
+              "batch_size": int(cfg.batch_size), "lr": float(cfg.optim.lr), "augment": str(cfg.augment),
+              "label_smoothing": float(cfg.optim.label_smoothing), "linear_probe_epochs": int(cfg.linear_probe_epochs),
+              "split": split, "folds": len(folds), "seed": int(cfg.seed), "data": str(cfg.data.name),
+              "n_train": int(len(folds[0][0])), "n_val": int(len(folds[0][1])),
+              "n_test": int(np.sum([len(f[2][2]) for f in folds])),
+              "device": info.get("device"), "amp": info.get("amp"), "channels_last": str(cfg.channels_last),
+              "weight_decay": float(cfg.optim.weight_decay), "evaluate_test": look_at_test}
+    board = folds[0][4]
+    if board is not None:
+        params.update(board.params, protocol=board.protocol, split_test_size=float(cfg.split.test_size),
+                      split_seed=int(cfg.split.seed), sampling_max_per_category=cfg.sampling.max_per_category,
+                      sampling_seed=int(cfg.sampling.seed))
+    return params

@@ -25,6 +25,7 @@ class Source:
     classes: list[str] | None
     test_images: np.ndarray | list[str] | None = None
     test_targets: np.ndarray | None = None
+    pins: pd.DataFrame | None = None  # an export's ok pins (user, board, pin, category, path, digest), images' order
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -124,7 +125,7 @@ def load_npz(dcfg, task: str) -> Source:
 def load_manifest_source(cfg: DictConfig) -> Source:
     _, ok = ok_rows(cfg)
     classes, idx = np.unique(ok["category"].astype(str).to_numpy(), return_inverse=True)
-    return Source(ok["path"].tolist(), idx.astype(np.int64), [str(c) for c in classes])
+    return Source(ok["path"].tolist(), idx.astype(np.int64), [str(c) for c in classes], pins=ok)
 
 
 #: ``data.kind`` -> the loader of that data source.
