@@ -15,11 +15,11 @@ per category on the user ``clean`` (50 pins each). Planted in the training board
 
 Every pin is the 28 px photo upscaled to 112 px (JPEG quality 95), as in experiments/repins.
 
-Everything runs through the verbs: scan, extract (efficientnet_lite0, its real ImageNet weights, fp32, at 112 px as
-in experiments/repins, where the 0.95 near-copy threshold was measured), audit with
-its defaults, then train on the planted boards and test on the clean boards (``split=predefined
-split.column=user split.test_value=clean``) without and with ``audit.exclude``. Printed and written to
-``results/planted_noise.json``: precision and recall of each finding against what was planted, and the clean test
+Everything runs through the verbs: scan, extract (efficientnet_lite0, its real ImageNet weights, fp32; which
+calibrates the store's near-copy threshold), audit with its defaults, then train on the planted boards and test on
+the clean boards (``split=predefined split.column=user split.test_value=clean``; near copies at 0.95, verified)
+without and with ``audit.exclude``. Printed and written to ``results/planted_noise.json``: precision and recall of
+each finding against what was planted, and the clean test
 accuracy (95 % bootstrap interval over test boards) of each condition.
 """
 
@@ -170,7 +170,7 @@ def main() -> None:
     ap.add_argument("--boards", type=int, default=8)
     ap.add_argument("--pins", type=int, default=60)
     ap.add_argument("--classifiers", nargs="+", default=["logreg", "knn"])
-    ap.add_argument("--image-size", type=int, default=112)  # as experiments/repins, which chose the 0.95 threshold
+    ap.add_argument("--image-size", type=int, default=112)  # as experiments/repins
     args = ap.parse_args()
     images = read_idx(args.idx / "train-images-idx3-ubyte.gz")
     labels = read_idx(args.idx / "train-labels-idx1-ubyte.gz")
