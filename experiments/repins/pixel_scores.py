@@ -13,7 +13,7 @@ The set its parameters were chosen on (``bench.py`` measures on other photos, fr
 - different pictures of one generated scene: 15 demo pictures of each category (``demo._draw``), every pair.
 
 Prints each set's lowest, 1st percentile and median score, how many copies fall below ``repins.min_pixel_score``
-and how many distinct pairs reach it, and milliseconds per decision (one core; decoded images given).
+and how many distinct pairs reach it, and milliseconds per decision (in this process; images decoded beforehand).
 """
 
 from __future__ import annotations

@@ -149,8 +149,9 @@ def _nearest_distinct(store, sample, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _threshold(sims: np.ndarray, kinds: np.ndarray, near: np.ndarray, n: int, budget: float) -> tuple[float, float]:
-    """(threshold, the threshold the recall alone asks for) by the rule of the module docstring."""
-    wanted = float(min(np.quantile(sims[kinds == k], 1 - RECALL.get(k, RECALL["other"]))
+    """(threshold, the threshold the recall alone asks for) by the rule of the module docstring (the lower order
+    statistic, so that at least that share of each kind is at or above it)."""
+    wanted = float(min(np.quantile(sims[kinds == k], 1 - RECALL.get(k, RECALL["other"]), method="lower")
                        for k in KINDS if np.any(kinds == k)))
     if _pairs_per_pin(near, wanted) * n <= budget:
         return wanted, wanted
