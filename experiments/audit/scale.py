@@ -1,32 +1,40 @@
-"""Audit at scale: time and peak memory of ``python -m pinterest_cls.audit`` on generated stores of N x 1280 pins.
+"""Audit at scale: time and peak memory of ``python -m pinterest_cls.audit`` on generated stores of N x 1280 pins,
+and what near copies (calibration, search and the pixel check) add to it.
 
     python experiments/audit/scale.py [--sizes 100000 1000000] [--dim 1280] [--categories 20]
-        [--folder /tmp/audit_scale]
+        [--folder /tmp/audit_scale] [--threshold 0.9]
 
 For each size, a store is written as ``extract`` writes one (``embeddings.npy`` memory-mapped float32,
 ``index.parquet``, ``meta.json``): 250-pin boards of 20 categories, each pin a category centre plus a board style
 plus noise (unit-length), with 2 % of the pins moved onto a board of another category (flipped labels) and 0.5 %
-repinned as near copies onto another board. Then the audit verb runs in a child process, as a user runs it
-(``mlflow.enabled=false``; the page's thumbnails point at no image files, so they say so). Measured: wall time,
-the child's peak RSS (``ru_maxrss``, which counts the memory-mapped pages it holds), the share of the store's
-size that is, and the planted flips and copies found. Ratios between sizes are printed side by side.
+repinned as near copies onto another board. Each pin has an image file (48 x 48 px, random smooth blocks; a
+planted copy's file is its original's, resized to 40 px and re-encoded), so the pixel check reads real files.
+Then the audit verb runs in a child process, as a user runs it (``mlflow.enabled=false``), twice: with exact
+copies only (``repins.threshold=off``) and with near copies (``repins.threshold=--threshold``, verified on the
+pixels). The calibration ``extract`` would make is timed on the same store with efficientnet_lite0 (its threshold
+means nothing on generated vectors; its cost is that of a real store: 200 pins' four copies embedded, and an exact
+search of the 200 against every row). Measured: wall times, each audit child's peak RSS (its own ``ru_maxrss``, which
+counts the memory-mapped pages it holds), the planted flips and copies found, and the share near copies add. Ratios
+between sizes are printed side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from pinterest_cls.data.integrity import EMBEDDINGS, INDEX
-from pinterest_cls.data.metadata import META
+from pinterest_cls.data.metadata import CALIBRATION, META
 from pinterest_cls.data.store import INDEX_COLUMNS
 
 BOARD = 250
@@ -63,10 +71,11 @@ def write_store(folder: Path, n: int, dim: int, categories: int, seed: int = 0) 
         board[i] = rng.choice(np.flatnonzero(board_cat == target))
     label = board_cat[board]
     names = np.array([f"cat{c:02d}" for c in range(categories)])
+    paths = write_images(folder.parent.parent / "images", n, copies, originals)
     index = pd.DataFrame({"row": np.arange(n), "user": [f"u{b % 997}" for b in board],
                           "board": [f"b{b}" for b in board],
                           "pin": [f"p{i}" for i in range(n)], "category": names[label],
-                          "path": [f"/nonexistent/p{i}.jpg" for i in range(n)], "embedded": True, "reason": ""})
+                          "path": paths, "embedded": True, "reason": ""})
     index[INDEX_COLUMNS].to_parquet(folder / INDEX, index=False)
     meta = {"backbone": "generated", "rows": n, "dim": dim, "dtype": "float32", "rows_done": n, "rows_failed": 0,
             "complete": True, "fingerprint": {"rows_sha256": f"generated-{n}-{dim}-{seed}"}}
@@ -74,17 +83,63 @@ def write_store(folder: Path, n: int, dim: int, categories: int, seed: int = 0) 
     return {"flipped": flipped, "copies": copies, "originals": originals}
 
 
-def run_audit(work: Path, data_root: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in GB) of the audit verb in a child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def _image(args) -> None:
+    i, path, copy_of = args
+    rng = np.random.default_rng(i if copy_of is None else copy_of)
+    blocks = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+    im = Image.fromarray(np.repeat(np.repeat(blocks, 8, axis=0), 8, axis=1))
+    if copy_of is None:
+        im.save(path, "PNG")
+    else:  # a near copy: resized and re-encoded
+        im.resize((40, 40), Image.BICUBIC).save(path, "JPEG", quality=80)
+
+
+def write_images(folder: Path, n: int, copies: np.ndarray, originals: np.ndarray) -> list[str]:
+    """An image file per pin (made once per size); returns the paths."""
+    source = dict(zip(copies.tolist(), originals.tolist()))
+    paths = [str(folder / f"{i // 10000:03d}" / (f"p{i}.jpg" if i in source else f"p{i}.png")) for i in range(n)]
+    marker = folder / f".done_{n}"
+    if not marker.exists():
+        for d in {Path(p).parent for p in paths}:
+            d.mkdir(parents=True, exist_ok=True)
+        with ProcessPoolExecutor() as pool:
+            list(pool.map(_image, [(i, paths[i], source.get(i)) for i in range(n)], chunksize=2048))
+        marker.touch()
+    return paths
+
+
+def time_calibration(store: Path) -> float:
+    """Seconds of the calibration extract would make of this store, with efficientnet_lite0 (the record is
+    removed: it means nothing on generated vectors)."""
+    from pinterest_cls.core.config import compose
+    from pinterest_cls.embed.backbones import build_backbone
+    from pinterest_cls.embed.calibration import calibrate
+
+    backbone = build_backbone("efficientnet_lite0")
+    if json.loads((store / META).read_text())["dim"] != backbone.dim:
+        print(f"note: calibration not timed: the store's vectors are not efficientnet_lite0's "
+              f"{backbone.dim} dimensions")
+        return float("nan")
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pinterest_cls.audit", "backbone.name=generated", f"paths.work={work}",
-                    f"data.root={data_root}", "mlflow.enabled=false"], check=True)
+    cfg = compose("extract", [])
+    calibrate(store, backbone, int(cfg.extract.calibrate.pins), 0, float(cfg.repins.min_pixel_score))
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:
-        print("note: this child's peak RSS did not exceed an earlier child's; the figure is an upper bound")
-    return seconds, peak / 1e6
+    (store / CALIBRATION).unlink()
+    return seconds
+
+
+def run_audit(work: Path, data_root: Path, threshold: str) -> tuple[float, float]:
+    """(seconds, peak RSS in GB) of the audit verb in a child process (that child's own ``ru_maxrss``)."""
+    t0 = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "pinterest_cls.audit", "backbone.name=generated",
+                              f"paths.work={work}", f"data.root={data_root}", "mlflow.enabled=false",
+                              f"repins.threshold={threshold}"])
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - t0
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"audit failed with exit status {child.returncode}")
+    return seconds, usage.ru_maxrss / 1e6
 
 
 def found(audit_dir: Path, planted: dict, store: Path) -> dict:
@@ -108,20 +163,28 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--categories", type=int, default=20)
     ap.add_argument("--folder", type=Path, default=Path("/tmp/audit_scale"))
+    ap.add_argument("--threshold", type=float, default=0.9, help="repins.threshold of the audit with near copies")
     args = ap.parse_args()
     rows = []
     for n in args.sizes:
         data_root = args.folder / f"gen{n}"
+        data_root.mkdir(parents=True, exist_ok=True)  # the export's root: the store below stands for its pins
         work = args.folder / "work"
         store = work / data_root.name / "embeddings" / "generated"
         t0 = time.perf_counter()
         planted = write_store(store, n, args.dim, args.categories)
         print(f"{n} pins: store written in {time.perf_counter() - t0:.0f} s ({n * args.dim * 4 / 1e9:.2f} GB)")
-        seconds, rss = run_audit(work, data_root)
-        result = {"pins": n, "dim": args.dim, "audit_s": round(seconds, 1), "peak_rss_gb": round(rss, 2),
-                  "store_gb": round(n * args.dim * 4 / 1e9, 2),
-                  **found(work / data_root.name / "audit" / "generated", planted, store)}
-        info = json.loads((work / data_root.name / "audit" / "generated" / "audit.json").read_text())
+        calibration_s = time_calibration(store)
+        audit_dir = work / data_root.name / "audit" / "generated"
+        exact_s, exact_rss = run_audit(work, data_root, "off")
+        seconds, rss = run_audit(work, data_root, str(args.threshold))
+        info = json.loads((audit_dir / "audit.json").read_text())
+        added = (calibration_s + seconds - exact_s) / exact_s
+        result = {"pins": n, "dim": args.dim, "audit_exact_only_s": round(exact_s, 1), "audit_s": round(seconds, 1),
+                  "calibration_s": round(calibration_s, 1), "near_copies_add": round(added, 3),
+                  "near_candidates": info["near_candidates"], "refused_by_pixels": info["near_candidates_rejected"],
+                  "peak_rss_exact_only_gb": round(exact_rss, 2), "peak_rss_gb": round(rss, 2),
+                  "store_gb": round(n * args.dim * 4 / 1e9, 2), **found(audit_dir, planted, store)}
         result["neighbour_index"] = info["neighbour_index"]
         rows.append(result)
         print(json.dumps(result))
