@@ -86,8 +86,9 @@ def repinned(tmp_path_factory):
 PIX = ["backbone=pixels", "backbone.image_size=24", "backbone.grayscale=true"]
 
 
-def run(tmp_path, root, *extra):
-    work = tmp_path / "work"
+def run(root, *extra):
+    """train on the export at ``root``, embedded once per module (beside it) by the pixel baseline."""
+    work = root.parent / "work"
     common = [f"paths.work={work}", f"data.root={root}", *PIX]
     if not (work / "exp" / "embeddings" / "pixels").exists():
         extract(make_cfg("extract", [*common, "extract.workers=0", "mlflow.enabled=false"]), progress=False)
@@ -96,11 +97,11 @@ def run(tmp_path, root, *extra):
 
 
 @pytest.mark.parametrize("split", ["split=group", "split=kfold"])
-def test_no_test_pin_keeps_a_copy_on_the_training_side(tmp_path, repinned, split):
+def test_no_test_pin_keeps_a_copy_on_the_training_side(repinned, split):
     folds = ["split.folds=3"] if split == "split=kfold" else []
-    off = run(tmp_path, repinned, split, *folds, "repins.mode=off")
-    drop = run(tmp_path, repinned, split, *folds, "repins.mode=drop", "repins.threshold=0.98")
-    link = run(tmp_path, repinned, split, *folds, "repins.mode=link", "repins.threshold=0.98")
+    off = run(repinned, split, *folds, "repins.mode=off")
+    drop = run(repinned, split, *folds, "repins.mode=drop", "repins.threshold=0.98")
+    link = run(repinned, split, *folds, "repins.mode=link", "repins.threshold=0.98")
     pairs = [(f"{name}0", pin, f"{name}{b}", copy) for name, pin, copy in
              [("cats", "p0", "copy"), ("dogs", "p1", "copy"), ("fish", "p2", "near")] for b in (1, 2)]
 
@@ -127,7 +128,7 @@ def test_no_test_pin_keeps_a_copy_on_the_training_side(tmp_path, repinned, split
     assert p["repins_threshold_source"] == "given" and p["near_candidates"] >= 2
 
 
-def test_keep_one_leaves_one_pin_per_duplicate_group_and_side(tmp_path, repinned):
+def test_keep_one_leaves_one_pin_per_duplicate_group_and_side(repinned):
     """repins.keep_one: a pin-level split puts several copies on one side; with keep_one each side of the split
     holds at most one pin of each duplicate group, the others are listed as dropped, and the protocol says so."""
     from pinterest_cls.core.errors import UserError
@@ -140,10 +141,10 @@ def test_keep_one_leaves_one_pin_per_duplicate_group_and_side(tmp_path, repinned
         table = table.assign(group=table["board"].str.rstrip("012"))
         return table[table["side"] != "dropped"].groupby(["group", "side"]).size(), table
 
-    plain = run(tmp_path, repinned, "split=stratified", "repins.mode=drop", "split.seed=3")
+    plain = run(repinned, "split=stratified", "repins.mode=drop", "split.seed=3")
     counts, _ = per_side(plain)
     assert counts.max() >= 2, "the fixture must put two copies on one side without keep_one"
-    one = run(tmp_path, repinned, "split=stratified", "repins.mode=drop", "split.seed=3", "repins.keep_one=true")
+    one = run(repinned, "split=stratified", "repins.mode=drop", "split.seed=3", "repins.keep_one=true")
     counts, table = per_side(one)
     assert counts.max() == 1
     dedup = table[table["reason"] == "another copy is kept on this side (repins.keep_one)"]
@@ -151,14 +152,14 @@ def test_keep_one_leaves_one_pin_per_duplicate_group_and_side(tmp_path, repinned
     assert one["params"]["n_samples"] == plain["params"]["n_samples"]
     assert "one per group" in one["params"]["protocol"] and "one per group" not in plain["params"]["protocol"]
     with pytest.raises(UserError, match="repins.keep_one=true needs the duplicate groups"):
-        run(tmp_path, repinned, "repins.mode=off", "repins.keep_one=true")
+        run(repinned, "repins.mode=off", "repins.keep_one=true")
 
 
-def test_link_needs_a_board_split(tmp_path, repinned):
+def test_link_needs_a_board_split(repinned):
     from pinterest_cls.core.errors import UserError
 
     with pytest.raises(UserError, match="repins.mode=link keeps linked boards on one side.*use repins.mode=drop"):
-        run(tmp_path, repinned, "split=stratified", "repins.mode=link")
+        run(repinned, "split=stratified", "repins.mode=link")
 
 
 def test_repins_settings_are_checked_and_the_old_audit_key_is_refused(tmp_path):
