@@ -252,7 +252,8 @@ def run_audit(cfg: DictConfig, emb, frame: pd.DataFrame, digests: np.ndarray, by
     nn = FaissNeighbors(int(a.k), seed=int(a.seed), progress=bar).fit(emb, rows)
     sims, ids = nn.self_graph()
     _close(bar)
-    bar = progress_factory(None, "pixel check of near copies", "pair") if progress_factory else None
+    bar = progress_factory(None, "pixel check of near copies", "pair") if progress_factory and policy.checks_pixels \
+        else None
     dups = duplicate_table(frame, digests, policy, (sims, ids), bar, ScoreCache(config.data_dir(cfg) / PIXEL_SCORES))
     _close(bar)
     outliers = outlier_table(frame, nn, float(a.outlier_fraction))

@@ -71,7 +71,7 @@ def find_repins(cfg: DictConfig, frame: pd.DataFrame, X: np.ndarray, store, prog
     policy = copy_policy(cfg.repins, store.folder, store.meta)
     if policy.source == NOT_CALIBRATED:
         log.warning(calibration_note(store.folder, store.meta, str(cfg.backbone.name)))
-    with progress_bar(None, "pixel check of near copies", "pair", progress and policy.verify) as bar:
+    with progress_bar(None, "pixel check of near copies", "pair", progress and policy.checks_pixels) as bar:
         found = find_copies(pin_digests(cfg, frame), frame["path"].to_numpy(), policy, vectors=X, progress=bar,
                             cache=ScoreCache(config.data_dir(cfg) / PIXEL_SCORES))
     groups = found["group"].to_numpy()

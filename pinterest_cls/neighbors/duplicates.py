@@ -41,6 +41,11 @@ class CopyPolicy:
     k: int
     calibration: dict = field(default_factory=dict, compare=False)
 
+    @property
+    def checks_pixels(self) -> bool:
+        """Whether near candidates are looked for and verified on their files (what a progress bar counts)."""
+        return self.threshold is not None and self.verify
+
     def describe(self) -> str:
         """What a run's protocol says of it: ``exact``, ``exact + near calibrated, verified``, ``exact + near >= 0.95
         given, verified`` (the calibrated value is the backbone's, so it is a param, not part of the protocol)."""
