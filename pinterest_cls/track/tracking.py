@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -186,6 +187,22 @@ def embeddings_dataset(folder: Path, fingerprint: dict, name: str):
     return MetaDataset(source, name=name, digest=digest)
 
 
+def log_input(mlflow, dataset, context: str, attempts: int = 4) -> None:
+    """``mlflow.log_input``, retried when a tracking server's database refuses the dataset as a duplicate: runs
+    of a parallel sweep register the same store at once (a server's store is not under ``store_lock``), and the
+    loser of that race finds the winner's row on its next attempt."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as e:
+            if "unique constraint" not in str(e).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 class JobRun:
     """A job's MLflow run, created when the job starts; ``logging`` writes into it at the end."""
 
@@ -215,7 +232,7 @@ class JobRun:
             mlflow = use_store(uri)
             with mlflow.start_run(run_id=self.run_id):
                 for dataset, context in self.inputs:
-                    mlflow.log_input(dataset, context=context)
+                    log_input(mlflow, dataset, context)
                 yield True
             self.ended = True
 
