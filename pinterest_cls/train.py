@@ -10,13 +10,13 @@ import time
 from omegaconf import DictConfig
 
 from pinterest_cls.analysis.exclusions import apply_exclusions
-from pinterest_cls.analysis.outputs import TRAIN_FILES, write_train_outputs
+from pinterest_cls.analysis.outputs import BOARD_FILES, TRAIN_FILES, write_board_outputs, write_train_outputs
 from pinterest_cls.core import config
 from pinterest_cls.core.cli import verb_main
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.data.metadata import META
 from pinterest_cls.data.store import store_for
-from pinterest_cls.learn.fitting import fit_and_test, run_params
+from pinterest_cls.learn.fitting import board_results, fit_and_test, run_params
 from pinterest_cls.learn.metrics import bootstrap_metrics, summary
 from pinterest_cls.learn.splits import board_keys, has_boards, sample_rows, split_for_run, split_table
 from pinterest_cls.serving.model_io import EMBEDDINGS_META, log_model
@@ -52,6 +52,11 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
                                                else None, int(config.select(cfg, "train.bootstrap") or 0),
                                                int(cfg.seed))
         metrics.update(intervals)
+        boards = board_results(cfg, fitted, X, y, frame, splits) if has_boards(cfg) else None
+        if boards is not None:
+            metrics.update(boards.metrics)
+            write_board_outputs(out, boards, name)
+            extra = {**extra, **boards.params()}
         write_train_outputs(out, fitted, categories, f"{name}, split={splits.name}", metrics)
         params = run_params(cfg, store, frame, splits, fitted, {**extra, **excluded, "ci": ci_desc})
         shutil.copyfile(store.folder / META, out / EMBEDDINGS_META)  # what predict needs to rebuild the backbone
@@ -63,10 +68,12 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
                 log_pipeline(model, out / EMBEDDINGS_META, out, str(frame["path"].iloc[0]))
 
         run.log(params=params, metrics=metrics, tags={"leaky_inner_cv": "true"} if fitted.leaky else {},
-                artifacts={**{out / f: "" for f in (*TRAIN_FILES, EMBEDDINGS_META)},
-                           out / "confusion_matrix.png": "plots"}, then=log_models)
-    shown = ("test_accuracy", "test_f1_macro", "test_balanced_accuracy", "test_board_accuracy",
-             f"cv_{cfg.train.scoring}")
+                artifacts={**{out / f: "" for f in (*TRAIN_FILES, *(BOARD_FILES if boards else ()),
+                                                    EMBEDDINGS_META)},
+                           out / "confusion_matrix.png": "plots",
+                           **({out / "board_curve.png": "plots"} if boards is not None else {})}, then=log_models)
+    shown = ("test_accuracy", "test_f1_macro", "test_balanced_accuracy", "test_board_vote_accuracy",
+             "test_board_mean_prob_accuracy", "test_board_mean_embedding_accuracy", f"cv_{cfg.train.scoring}")
     log.info(f"{name}: best {fitted.best_params}; {summary(metrics, shown)} ({time.perf_counter() - t0:.1f} s)")
     log.info(f"  artifacts in {out}" + (f"; MLflow run {run.run_id}" if run.run_id else ""))
     return {"metrics": metrics, "params": params, "run_id": run.run_id, "output_dir": out}

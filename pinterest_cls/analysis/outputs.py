@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pinterest_cls.learn.board_rules import BOARD_CURVE, BOARDS_FILE
 from pinterest_cls.learn.estimators import projection
-from pinterest_cls.learn.fitting import FoldResults
-from pinterest_cls.track.plots import confusion_plot, scatter_plot
+from pinterest_cls.learn.fitting import BoardResults, FoldResults
+from pinterest_cls.track.plots import board_curve_plot, confusion_plot, scatter_plot
 
 #: What a train run writes into its job folder (and logs to MLflow), beside the plots.
 TRAIN_FILES = ("predictions.csv", "classification_report.txt", "cv_results.csv", "metrics.json", "split.csv")
@@ -30,6 +31,24 @@ def write_train_outputs(out: Path, fitted: FoldResults, categories: list[str], t
     confusion_plot(preds["truth"], preds["prediction"], categories, out / "confusion_matrix.png",
                    title=f"{title}: accuracy {metrics['test_accuracy']:.3f}, macro F1 {metrics['test_f1_macro']:.3f}")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+#: What a train run on data with boards adds: each test board's predictions by every rule, the pins-per-board
+#: curve and the abstention threshold (plus ``board_curve.png``).
+TEST_BOARDS = "test_boards.csv"
+BOARD_FILES = (TEST_BOARDS, BOARD_CURVE, BOARDS_FILE)
+
+
+def write_board_outputs(out: Path, boards: BoardResults, title: str) -> None:
+    """``test_boards.csv``, ``board_curve.csv`` with ``board_curve.png``, and ``boards.json`` (the rules'
+    metrics and the abstention threshold, which ``predict`` reads) in ``out``."""
+    boards.table.to_csv(out / TEST_BOARDS, index=False)
+    boards.curve.to_csv(out / BOARD_CURVE, index=False)
+    board_curve_plot(boards.curve, out / "board_curve.png",
+                     f"{title}: {len(boards.table)} test boards, {int(boards.curve['draws'].max())} draws per point")
+    record = {"metrics": boards.metrics, "temperature": boards.temperature,
+              "abstention": boards.abstention.as_dict() if boards.abstention is not None else None}
+    (out / BOARDS_FILE).write_text(json.dumps(record, indent=2))
 
 
 def projection_plots(out: Path, X: np.ndarray, assign: np.ndarray, categories: np.ndarray, method: str,

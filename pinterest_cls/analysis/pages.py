@@ -19,8 +19,36 @@ from pinterest_cls.analysis.findings import FILES, Findings
 from pinterest_cls.track.html import Page, esc
 from pinterest_cls.track.plots import heatmap_plot
 
-#: The pages' names: audit.html, report.html.
-AUDIT_PAGE, REPORT_PAGE = "audit", "report"
+#: The pages' names: audit.html, report.html, board_predictions.html.
+AUDIT_PAGE, REPORT_PAGE, BOARD_PAGE = "audit", "report", "board_predictions"
+
+
+def write_board_page(folder: Path, boards: pd.DataFrame, pins: pd.DataFrame, title: str, strip: int = 8) -> Path:
+    """``board_predictions.html``: per board (``boards``: ``label_boards``' rows) its top categories and whether
+    it abstains, and a strip of up to ``strip`` of its pins (``pins``: user, board, pin, path), those that weigh
+    most for the top category first."""
+    page = Page(folder, title, name=BOARD_PAGE, thumb_size=96)
+    abstained = int(boards["abstain"].fillna(False).astype(bool).sum()) if "abstain" in boards else 0
+    page.paragraph(f"{len(boards)} boards, {abstained} abstained (their pins fit no known category well enough). "
+                   "Scores: the mean over a board's pins. Full list: board_predictions.csv.")
+    by_board = {key: g for key, g in pins.groupby(["user", "board"], sort=False)}
+    for i, r in enumerate(boards.itertuples(index=False)):
+        tops = [f"{esc(getattr(r, f'top{k}_category'))} {getattr(r, f'top{k}_score'):.3f}"
+                for k in (1, 2, 3) if isinstance(getattr(r, f"top{k}_category", None), str)]
+        verdict = ('<span class="bad">abstains</span>' if getattr(r, "abstain", None) is True
+                   else (f'<span class="good">{esc(r.top1_category)}</span>' if tops else "no readable pin"))
+        page.raw(f'<div class="group"><b>{esc(r.user)} / {esc(r.board)}</b>: {verdict}; {r.pins} pins'
+                 + (f", {r.failed} unreadable" if r.failed else "") + ("<br>" + ", ".join(tops) if tops else ""))
+        g = by_board.get((r.user, r.board))
+        if g is not None:
+            first = [p for p in str(getattr(r, "top_pins", "") or "").split(";") if p]
+            ordered = sorted(g.itertuples(index=False), key=lambda p: (str(p.pin) not in first,
+                                                                       first.index(str(p.pin)) if str(p.pin) in first
+                                                                       else 0, str(p.pin)))
+            page.tiles([page.tile(p.path, f"b{i}_{hashlib.sha1(str(p.path).encode()).hexdigest()[:12]}",
+                                  [esc(p.pin)]) for p in ordered[:strip]])
+        page.raw("</div>")
+    return page.write()
 
 
 def write_audit_page(folder: Path, findings: Findings, title: str, top: int = 24) -> Path:
@@ -137,6 +165,8 @@ class ReportPage:
     gallery: pd.DataFrame | None
     gallery_run: str
     gallery_max: int
+    boards: pd.DataFrame | None = None  # (backbone, classifier) x board rule, as text
+    boards_title: str = ""
 
 
 def write_report_page(folder: Path, report: ReportPage) -> Path:
@@ -155,6 +185,9 @@ def write_report_page(folder: Path, report: ReportPage) -> Path:
                    .reset_index().assign(backbone=""))
         if metric in report.heatmaps:
             page.image(report.heatmaps[metric], f"{metric} heatmap", width=720)
+    if report.boards is not None and not report.boards.empty:
+        page.heading(report.boards_title)
+        page.table(report.boards)
     if not report.per_class.empty:
         heatmap_plot(report.per_class.drop(columns=["run"]), folder / "per_class_f1.png", "test F1 per category "
                      "(best run of each backbone)", xlabel="category", ylabel="backbone")

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from pinterest_cls.analysis.pages import ReportPage, write_report_page
 from pinterest_cls.core import config
 from pinterest_cls.core.errors import UserError
+from pinterest_cls.learn.board_rules import RULES
 from pinterest_cls.learn.protocol import NO_PROTOCOL, default_protocol_settings, protocol_without_rows
 from pinterest_cls.track.plots import heatmap_plot
 from pinterest_cls.track.tracking import experiment_id
@@ -111,10 +112,32 @@ def best_per_cell(runs: pd.DataFrame, select_by: str) -> pd.DataFrame:
         "test_f1_macro": best["metrics.test_f1_macro"], "test_accuracy": best["metrics.test_accuracy"],
         **{f"{m}_ci_{side}": metric(f"{m}_ci_{side}") for m in ("test_f1_macro", "test_accuracy")
            for side in ("low", "high")},
+        **{f"{m}{suffix}": metric(f"{m}{suffix}") for m in BOARD_METRICS for suffix in ("", "_ci_low", "_ci_high")},
         select_by: best[col], "split": best.get("params.split"), "run_id": best["run_id"],
         "protocol": best.get("params.protocol"), "inner_cv": best.get("params.inner_cv"),
     })
     return out.sort_values(["backbone", "classifier"]).reset_index(drop=True)
+
+
+#: The board-level metrics the report shows beside the pin-level table: board accuracy by each rule.
+BOARD_METRICS = tuple(f"test_board_{rule}_accuracy" for rule in RULES)
+
+
+def board_cells(best: pd.DataFrame) -> pd.DataFrame:
+    """(backbone, classifier) x board rule: each cell's board accuracy by each rule, as text with its interval
+    over test boards; empty where no run evaluated boards."""
+    def text(row, m):
+        low, high = row.get(f"{m}_ci_low"), row.get(f"{m}_ci_high")
+        if pd.isna(row.get(m)):
+            return ""
+        return f"{row[m]:.4f}" + (f" [{low:.4f}, {high:.4f}]" if pd.notna(low) and pd.notna(high) else "")
+
+    have = best[[m for m in BOARD_METRICS if m in best.columns]].notna().any(axis=1) if len(best) else []
+    rows = best[have] if len(best) else best
+    out = pd.DataFrame({"backbone": rows["backbone"], "classifier": rows["classifier"],
+                        **{rule: [text(r, f"test_board_{rule}_accuracy") for _, r in rows.iterrows()]
+                           for rule in RULES}})
+    return out.reset_index(drop=True)
 
 
 def with_intervals(best: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -190,6 +213,7 @@ class Report:
     select_by: str
     choice: str = ""  # why this protocol, where it is not the one asked for
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # metric -> backbone x classifier values
+    boards: pd.DataFrame = field(default_factory=pd.DataFrame)  # board accuracy by rule (``board_cells``)
     cells: dict[str, pd.DataFrame] = field(default_factory=dict)  # ... as text with their intervals
 
     @property
@@ -228,6 +252,7 @@ def build_report(cfg: DictConfig) -> Report:
         table = best.pivot(index="backbone", columns="classifier", values=metric)
         table.columns.name = None
         rep.tables[metric], rep.cells[metric] = table, with_intervals(best, metric)
+    rep.boards = board_cells(best)
     return rep
 
 
@@ -246,8 +271,15 @@ def write_report(cfg: DictConfig, rep: Report, out: Path) -> Path:
         md.append(f"\n{rep.note}\n")
     for metric, text in rep.cells.items():
         md += [f"\n## {metric} [95% bootstrap interval]\n\n", to_markdown(text)]
+    if not rep.boards.empty:
+        rep.boards.to_csv(out / "board_accuracy.csv", index=False)
+        md += [f"\n## {BOARD_TITLE}\n\n", to_markdown(rep.boards.set_index("backbone"))]
     (out / "report.md").write_text("".join(md))
     return write_report_page(out, _page(cfg, rep))
+
+
+BOARD_TITLE = ("test board accuracy by rule (the same runs; vote, mean pin probability, mean embedding) "
+               "[95% bootstrap interval over test boards]")
 
 
 def _page(cfg: DictConfig, rep: Report) -> ReportPage:
@@ -263,4 +295,4 @@ def _page(cfg: DictConfig, rep: Report) -> ReportPage:
     return ReportPage(f"{cfg.data.name}: backbone x classifier", rep.protocol, rep.note, rep.cells, links,
                       {m: f"{m}.png" for m in rep.cells}, per_class_f1(rep.runs, best, rep.select_by),
                       run_predictions(str(top["run_id"])), f"{top['backbone']}-{top['classifier']} ({top['run_id']})",
-                      int(config.select(cfg, "report.gallery")))
+                      int(config.select(cfg, "report.gallery")), rep.boards, BOARD_TITLE)

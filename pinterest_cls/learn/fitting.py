@@ -13,15 +13,17 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from pinterest_cls.core import config
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.core.fileio import file_sha256
 from pinterest_cls.data.metadata import META
 from pinterest_cls.data.store import Store
+from pinterest_cls.learn import board_rules
 from pinterest_cls.learn.estimators import class_scores
 from pinterest_cls.learn.metrics import board_accuracy, classification_metrics, fold_mean
 from pinterest_cls.learn.protocol import protocol as run_protocol
 from pinterest_cls.learn.protocol import train_protocol
-from pinterest_cls.learn.splits import board_keys, inner_cv
+from pinterest_cls.learn.splits import board_keys, has_boards, inner_cv
 from pinterest_cls.neighbors.duplicates import link_boards
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,9 @@ class FoldResults:
     leaky: bool
     fit_s: float = 0.0  # the grid searches (CV and refits), every fold's, and the refit on all rows under k-fold
     predict_s: float = 0.0  # predicting the test pins, every fold's
+    scores: np.ndarray | None = None  # each prediction's class scores, columns in the order of ``classes``
+    classes: np.ndarray | None = None
+    embedding_rule: dict | None = None  # the boards' mean-embedding rule: (user, board) -> predicted category
 
     @property
     def best_params(self) -> dict:
@@ -156,6 +161,9 @@ def fit_and_test(cfg: DictConfig, X: np.ndarray, y: np.ndarray, frame: pd.DataFr
     is then refit on every sampled row. The inner CV keeps boards (and boards sharing copies) apart."""
     fold_metrics, predictions, search, cv_desc, leaky = [], [], None, "", False
     fit_s = predict_s = 0.0
+    classes = np.unique(y)
+    all_scores: list[np.ndarray] | None = []
+    embedding_rule: dict | None = {} if has_boards(cfg) else None
     for f, (tr, te) in enumerate(splits.folds):
         inner = frame.iloc[tr].reset_index(drop=True)
         if groups is not None and splits.grouped and "linked" not in inner.columns:
@@ -173,15 +181,25 @@ def fit_and_test(cfg: DictConfig, X: np.ndarray, y: np.ndarray, frame: pd.DataFr
         part = frame.iloc[te][["row", "user", "board", "pin", "path"]].copy()
         part["truth"], part["prediction"] = y[te], pred
         part["score"] = scores.max(axis=1) if scores is not None else np.nan
-        if str(cfg.data.layout) == "pinterest":
+        if scores is not None and all_scores is not None:
+            full = np.zeros((len(te), len(classes)))
+            full[:, np.searchsorted(classes, model.classes_)] = scores
+            all_scores.append(full)
+        else:
+            all_scores = None
+        if has_boards(cfg):
             m["board_accuracy"] = board_accuracy(part)
+            rule = board_rules.mean_embedding_rule(X[tr], inner, X[te], part, int(cfg.seed))
+            embedding_rule = None if rule is None or embedding_rule is None else {**embedding_rule, **rule}
         if len(splits.folds) > 1:
             part["fold"] = f
             log.info(f"  fold {f + 1}/{len(splits.folds)}: accuracy {m['accuracy']:.4f}, "
                      f"macro F1 {m['f1_macro']:.4f}")
         fold_metrics.append(m)
         predictions.append(part)
-    fitted = FoldResults(fold_metrics, pd.concat(predictions, ignore_index=True), search, cv_desc, leaky)
+    fitted = FoldResults(fold_metrics, pd.concat(predictions, ignore_index=True), search, cv_desc, leaky,
+                         scores=np.concatenate(all_scores) if all_scores else None, classes=classes,
+                         embedding_rule=embedding_rule)
     if len(splits.folds) > 1:  # k-fold: the logged model is refit on every sampled row
         everything = frame
         if groups is not None and splits.grouped and "linked" not in frame.columns:
@@ -191,6 +209,58 @@ def fit_and_test(cfg: DictConfig, X: np.ndarray, y: np.ndarray, frame: pd.DataFr
         fit_s += time.perf_counter() - t0
     fitted.fit_s, fitted.predict_s = fit_s, predict_s
     return fitted
+
+
+@dataclass
+class BoardResults:
+    """A train run's board-level outcome: each test board's predictions (``board_rules.board_table``), their
+    metrics, the pins-per-board curve and the abstention threshold."""
+
+    table: pd.DataFrame
+    metrics: dict
+    curve: pd.DataFrame
+    abstention: board_rules.Abstention | None
+    temperature: float = 1.0  # of the pin distributions the mean_prob rule averages (temperature scaling)
+
+    def params(self) -> dict:
+        """What the run records of the pin calibration and the abstention threshold as params."""
+        out = {"board_temperature": self.temperature}
+        if self.abstention is not None:
+            out.update(board_abstain_below=self.abstention.below, board_abstain_target=self.abstention.target)
+        return out
+
+
+def board_results(cfg: DictConfig, fitted: FoldResults, X: np.ndarray, y: np.ndarray, frame: pd.DataFrame,
+                  splits) -> BoardResults:
+    """The test boards' categories by each rule, with intervals that resample boards; the pins-per-board curve;
+    and, from out-of-fold predictions of the (last) fold's training boards (held out by the inner CV's board
+    folds), the temperature of the pin distributions and the abstention threshold
+    (``train.boards.abstain_target``)."""
+    seed, n_boot = int(cfg.seed), int(config.select(cfg, "train.bootstrap") or 0)
+    temperature, abstention = 1.0, None
+    target = config.select(cfg, "train.boards.abstain_target")
+    if fitted.scores is not None:
+        tr = splits.folds[-1][0]
+        inner = frame.iloc[tr].reset_index(drop=True)
+        cv, groups, desc, _ = inner_cv(cfg, inner, y[tr], True, seed)
+        held_out = (board_rules.held_out_scores(fitted.search.best_estimator_, X[tr], y[tr], fitted.classes, cv,
+                                                groups) if "by board" in desc else None)
+        if held_out is None:
+            log.warning(f"warning: pin scores not calibrated and no abstention threshold: the training side's "
+                        f"inner CV is {desc}, not by board")
+        else:
+            temperature = board_rules.fit_temperature(held_out, np.searchsorted(fitted.classes, y[tr]))
+            if target is not None:
+                top = board_rules.mean_scores(board_rules.pin_distribution(held_out, temperature),
+                                              board_rules.board_ids(inner)).max(1)
+                abstention = board_rules.abstention_threshold(top, float(target), temperature)
+    table = board_rules.board_table(fitted.predictions, fitted.scores, fitted.classes, fitted.embedding_rule,
+                                    temperature)
+    metrics = board_rules.board_metrics(table, n_boot, seed)
+    curve = board_rules.pins_curve(fitted.predictions, fitted.scores, fitted.classes, seed, temperature=temperature)
+    if abstention is not None:
+        metrics["test_board_abstained"] = float(np.mean(table["mean_prob_score"] < abstention.below))
+    return BoardResults(table, metrics, curve, abstention, temperature)
 
 
 def estimator_params(model) -> dict:

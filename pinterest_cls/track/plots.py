@@ -167,3 +167,21 @@ def curves_plot(histories, path: Path, key: str) -> Path:
         a.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path, 110)
+
+
+def board_curve_plot(curve, path: Path, title: str) -> Path:
+    """Board accuracy against the pins seen per board (``curve``: columns pins, rule, accuracy, std), one line
+    per rule, the spread over draws as a band; a log-2 axis of pins."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rule, g in curve.groupby("rule", sort=False):
+        ax.plot(g["pins"], g["accuracy"], "o-", label=rule)
+        ax.fill_between(g["pins"], g["accuracy"] - g["std"], g["accuracy"] + g["std"], alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("pins seen per board (drawn at random)")
+    ax.set_ylabel("board accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path, 110)
