@@ -12,7 +12,7 @@ from pinterest_cls.core.cli import verb_main
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.core.stopping import Stopped
 from pinterest_cls.embed.registry import backbone_configs
-from pinterest_cls.embed.streaming import extract_many
+from pinterest_cls.embed.streaming import extract_many, extract_uncategorised
 from pinterest_cls.track.timings import report_shard
 from pinterest_cls.track.tracking import JobRun, mlflow_run
 
@@ -31,6 +31,8 @@ def extract(cfg: DictConfig, progress: bool = True) -> dict:
         metas = extract_many(cfg, backbone_configs(cfg), progress=progress, on_start=open_runs,
                              on_done=lambda done: report_shard(done, int(cfg.extract.batch_size),
                                                                runs.get(done.backbone.name)))
+    if bool(OmegaConf.select(cfg, "extract.uncategorised", default=False)):
+        extract_uncategorised(cfg, backbone_configs(cfg), progress=progress)
     if OmegaConf.select(cfg, "backbones", default=None):
         return metas
     return next(iter(metas.values()))

@@ -287,6 +287,48 @@ def ok_rows(cfg: DictConfig):
     return manifest, ok
 
 
+#: The export's boards without an accepted category, as a data set of their own: ``<paths.data>/uncategorised/``.
+UNCATEGORISED = "uncategorised"
+
+
+def uncategorised_dir(cfg: DictConfig) -> Path:
+    return config.data_dir(cfg) / UNCATEGORISED
+
+
+def scan_uncategorised(cfg: DictConfig, progress: bool = True) -> Path | None:
+    """The pins of the manifest's uncategorised boards (no ``board_category.txt``, an empty one, or a rejected
+    category such as "Other"), verified as ``scan`` verifies pins, as the manifest of a data set of their own in
+    ``<paths.data>/uncategorised/`` (``category``: the board's own text, empty where it has none). The export's
+    manifest is left as it is. None where there are no such boards."""
+    out = config.data_dir(cfg)
+    rows = load_manifest(out)
+    rows = rows[rows["status"] == "rejected"]
+    if rows.empty:
+        return None
+    candidates = []
+    for r in rows.itertuples(index=False):
+        c = Candidate(r.user, r.board, r.pin, r.category, r.path)
+        try:
+            st = os.stat(r.path)
+            c.bytes, c.mtime_ns = st.st_size, st.st_mtime_ns
+        except OSError:
+            c.status, c.reason = "missing", "no image file in pin folder"
+        candidates.append(c)
+    sub = out / UNCATEGORISED
+    sub.mkdir(parents=True, exist_ok=True)
+    settings = settings_from(cfg)
+    with locked(sub):
+        verdicts, _ = verify_candidates(candidates, settings, previous_verdicts(sub, settings), progress=progress)
+        manifest = build_manifest(candidates, verdicts)
+        write_manifest(sub, manifest)
+        atomic_write_json(sub / CATEGORIES, {})
+        atomic_write_json(sub / SCAN_REPORT, {"root": str(data_root(cfg)), "layout": str(cfg.data.layout),
+                                              "settings": settings.verdict_key(), **summarize(manifest),
+                                              "uncategorised_boards_of": str(out / MANIFEST),
+                                              "manifest_sha256": file_sha256(sub / MANIFEST)})
+    return sub
+
+
 def _check_scanned_root(cfg: DictConfig, out: Path) -> None:
     """The manifest in ``out`` must be the scan of ``data.root``: another export under the same ``data.name``
     would otherwise be embedded as the old one's pins and categories."""

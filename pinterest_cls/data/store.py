@@ -43,7 +43,7 @@ from pinterest_cls.data.integrity import (
     rows_checksum,
     verify_checksums,
 )
-from pinterest_cls.data.manifest import check_root
+from pinterest_cls.data.manifest import check_root, uncategorised_dir
 from pinterest_cls.data.metadata import FORMAT_VERSION, META, REEXTRACT, StoreMeta, filled, read_meta
 
 log = logging.getLogger(__name__)
@@ -411,6 +411,30 @@ def store_for(cfg: DictConfig) -> Store:
     if not store.meta.complete:
         raise UserError(f"embeddings in {folder} are incomplete ({store.meta.rows_done}/{store.meta.rows} rows "
                         f"done); finish them (extract resumes): {how}")
+    return store
+
+
+#: Fingerprint keys that say which rows a store holds, not how they were embedded.
+ROW_KEYS = ("rows_sha256", "rows")
+
+
+def uncategorised_store(cfg: DictConfig, meta: StoreMeta) -> Store:
+    """The finished store of the export's uncategorised boards (``extract.uncategorised=true``) made as the store
+    whose meta is ``meta`` was made (same backbone, weights, preprocessing, runtime, precision, dtype): a one-line
+    error with the command otherwise."""
+    folder = uncategorised_dir(cfg) / "embeddings" / meta.backbone
+    how = extract_command(meta.backbone_config or {"name": meta.backbone}, meta.data_root, "extract.uncategorised=true",
+                          f"paths.work={config.work_dir(cfg)}")
+    if not (folder / META).is_file():
+        raise UserError(f"no store of the uncategorised boards in {folder}; make it: {how}")
+    store = open_store(folder, repair=how)
+    if not store.meta.complete:
+        raise UserError(f"the store of the uncategorised boards in {folder} is incomplete; finish it: {how}")
+    differ = sorted(k for k in set(store.meta.fingerprint) | set(meta.fingerprint)
+                    if k not in ROW_KEYS and store.meta.fingerprint.get(k) != meta.fingerprint.get(k))
+    if differ:
+        raise UserError(f"{folder} was embedded otherwise than the run's store ({', '.join(differ)} differ); make "
+                        f"it again with the run's settings: {how} extract.overwrite=true")
     return store
 
 

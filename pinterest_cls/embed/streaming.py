@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pinterest_cls.core import config
 from pinterest_cls.core.errors import UserError
@@ -22,7 +22,7 @@ from pinterest_cls.core.provenance import provenance
 from pinterest_cls.core.stopping import StopRequest, graceful_stop
 from pinterest_cls.data.gpu_decode import GpuDecoder
 from pinterest_cls.data.loader import PinDataset, default_workers, make_loader
-from pinterest_cls.data.manifest import MANIFEST, ok_rows
+from pinterest_cls.data.manifest import MANIFEST, ok_rows, scan_uncategorised
 from pinterest_cls.data.metadata import read_meta
 from pinterest_cls.data.store import EmbeddingStore, NewStore, legacy_rows_sha256, rows_sha256, shard_range
 from pinterest_cls.embed.backbones import build_backbone
@@ -215,6 +215,23 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
                 _check_failures(job.backbone.name, job.failures, s.lo, s.hi, s.shard_name, s.max_failed)
         _calibrate(cfg, backbones)
     return metas
+
+
+def extract_uncategorised(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True) -> dict[str, dict]:
+    """The pins of the export's uncategorised boards (``data.manifest.scan_uncategorised``) through the same
+    backbones and settings, into stores of their own in ``<paths.data>/uncategorised/embeddings/``; the export's
+    stores are left as they are. Not calibrated (no copies are looked for among them)."""
+    sub = scan_uncategorised(cfg, progress)
+    if sub is None:
+        log.warning("warning: extract.uncategorised=true, but the manifest has no uncategorised boards")
+        return {}
+    sub_cfg = cfg.copy()
+    with open_dict(sub_cfg):
+        OmegaConf.update(sub_cfg, "paths.data", str(sub), merge=False)
+        OmegaConf.update(sub_cfg, "paths.embeddings", str(sub / "embeddings"), merge=False)
+        OmegaConf.update(sub_cfg, "extract.calibrate.pins", 0, merge=False)
+    log.info(f"uncategorised boards: {sub}")
+    return extract_many(sub_cfg, bcfgs, progress=progress)
 
 
 def _calibrate(cfg: DictConfig, backbones: dict) -> None:

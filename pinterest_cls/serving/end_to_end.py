@@ -44,6 +44,19 @@ class EndToEnd:
         return ["prediction", "score", *(f"top{i}_{c}" for i in range(1, k + 1) for c in ("category", "score")),
                 "status", "reason"]
 
+    def class_scores_of(self, paths: list[str], progress: bool = False) -> tuple[np.ndarray | None, list[str]]:
+        """(each image's class scores, columns in the order of ``classifier.classes_``, NaN where the image
+        failed; None where the classifier has no scores), and each image's failure reason ("" where none)."""
+        feats, reasons = self.embedder(paths, batch_size=self.batch_size, workers=self.workers, progress=progress)
+        ok = np.array([not r for r in reasons], dtype=bool)
+        out = np.full((len(paths), len(self.classifier.classes_)), np.nan)
+        if ok.any():
+            scores = class_scores(self.classifier, feats[ok])
+            if scores is None:
+                return None, reasons
+            out[ok] = scores
+        return out, reasons
+
     def predict_paths(self, paths: list[str], progress: bool = False) -> pd.DataFrame:
         feats, reasons = self.embedder(paths, batch_size=self.batch_size, workers=self.workers, progress=progress)
         ok = np.array([not r for r in reasons], dtype=bool)

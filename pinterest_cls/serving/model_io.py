@@ -11,6 +11,7 @@ import numpy as np
 
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.data.metadata import StoreMeta
+from pinterest_cls.learn.board_rules import BOARDS_FILE
 from pinterest_cls.track.tracking import use_store
 
 #: The end-to-end pyfunc model's name in a train run.
@@ -44,6 +45,17 @@ def load_run(tracking_uri: str, run_id: str) -> tuple[object, StoreMeta]:
     except Exception:
         raise UserError(f"run {run_id} has no {EMBEDDINGS_META}; re-run its train job") from None
     return model, StoreMeta.from_dict(meta, f"{EMBEDDINGS_META} of run {run_id}")
+
+
+def load_boards(tracking_uri: str, run_id: str) -> dict | None:
+    """The board record (``boards.json``: the board rules' metrics and the abstention threshold) of a train run;
+    None where the run has none (data without boards, or a run made before boards were evaluated)."""
+    mlflow = use_store(tracking_uri)
+    try:
+        path = mlflow.MlflowClient().download_artifacts(run_id, BOARDS_FILE, tempfile.mkdtemp())
+        return json.loads(Path(path).read_text())
+    except Exception:
+        return None
 
 
 #: The classes of this package that a saved classifier may hold, trusted when skops loads it (beside what skops
