@@ -32,7 +32,8 @@ def extract(cfg: DictConfig, progress: bool = True) -> dict:
                              on_done=lambda done: report_shard(done, int(cfg.extract.batch_size),
                                                                runs.get(done.backbone.name)))
     if bool(OmegaConf.select(cfg, "extract.uncategorised", default=False)):
-        extract_uncategorised(cfg, backbone_configs(cfg), progress=progress)
+        extract_uncategorised(cfg, backbone_configs(cfg), progress=progress,
+                              on_done=lambda done: report_shard(done, int(cfg.extract.batch_size), None))
     if OmegaConf.select(cfg, "backbones", default=None):
         return metas
     return next(iter(metas.values()))

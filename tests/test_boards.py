@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pinterest_cls.core.errors import UserError
 from pinterest_cls.core.fileio import file_sha256
+from pinterest_cls.extract import extract
 from pinterest_cls.learn.board_rules import (
     abstention_threshold,
     board_metrics,
@@ -22,8 +24,10 @@ from pinterest_cls.learn.board_rules import (
     pin_distribution,
     pins_curve,
 )
+from pinterest_cls.predict import predict
+from pinterest_cls.train import train
 
-from .helpers import run_verb
+from .helpers import make_cfg
 
 THEMES = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 UNSEEN = (128, 128, 128)  # a grey theme no board of the training side has
@@ -64,13 +68,11 @@ def themed(tmp_path_factory):
     write_board(root, "u9", "misc", "Other", UNSEEN, seed + 1)
     args = [f"paths.work={work}", f"data.root={root}", "backbone=pixels", "extract.calibrate.pins=0",
             "extract.workers=0"]
-    proc = run_verb("extract", *args, "extract.uncategorised=true", cwd=base)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = run_verb("train", *args[:3], "classifier=logreg", "train.log_pipeline=false", "train.n_jobs=1", cwd=base)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    run_id = (proc.stdout + proc.stderr).split("MLflow run ")[-1].split()[0]
-    out = next((work / "hydra" / "train").iterdir())
-    return {"base": base, "root": root, "work": work, "args": args, "run_id": run_id, "out": out}
+    extract(make_cfg("extract", [*args, "extract.uncategorised=true"]), progress=False)
+    run = train(make_cfg("train", [*args[:3], "classifier=logreg", "train.log_pipeline=false", "train.n_jobs=1"]),
+                progress=False)
+    return {"base": base, "root": root, "work": work, "args": args, "run_id": run["run_id"],
+            "out": run["output_dir"]}
 
 
 def test_train_logs_board_metrics_by_each_rule_and_the_pins_per_board_curve(themed):
@@ -106,10 +108,9 @@ def test_board_intervals_resample_boards_not_pins(themed):
 
 
 def test_uncategorised_boards_are_labelled_and_the_unseen_theme_abstains(themed):
-    proc = run_verb("predict", *themed["args"][:2], f"run_id={themed['run_id']}", "predict.boards=uncategorised",
-                    cwd=themed["base"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = sorted((themed["work"] / "hydra" / "predict").iterdir())[-1]
+    out = themed["base"] / "labelled"
+    predict(make_cfg("predict", [*themed["args"][:2], f"run_id={themed['run_id']}", "predict.boards=uncategorised",
+                                 f"predict.out={out / 'predictions.csv'}"]))
     table = pd.read_csv(out / "board_predictions.csv").set_index("board")
     assert {"user", "pins", "failed", "top1_category", "top1_score", "top2_category", "top3_score", "top_pins",
             "abstain"} <= set(table.columns)
@@ -128,26 +129,26 @@ def test_a_folder_of_images_is_one_board(themed, tmp_path):
     for p in range(4):
         (folder / f"{p}.jpg").write_bytes(photo(THEMES["green"], 900 + p))
     (folder / "broken.jpg").write_bytes(b"not an image")
-    proc = run_verb("predict", *themed["args"][:1], f"run_id={themed['run_id']}", "predict.boards=folder",
-                    f"inputs={folder}", f"predict.out={tmp_path / 'out' / 'p.csv'}", cwd=themed["base"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    predict(make_cfg("predict", [*themed["args"][:1], f"run_id={themed['run_id']}", "predict.boards=folder",
+                                 f"inputs={folder}", f"predict.out={tmp_path / 'out' / 'p.csv'}"]))
     (row,) = pd.read_csv(tmp_path / "out" / "board_predictions.csv").itertuples()
     assert row.board == "my board" and row.top1_category == "green" and row.pins == 4 and row.failed == 1
 
 
 def test_predict_boards_without_their_store_names_the_extract_command(themed, tmp_path):
-    proc = run_verb("predict", f"paths.work={tmp_path / 'elsewhere'}", f"data.root={themed['root']}",
-                    f"mlflow.tracking_uri=sqlite:///{themed['work']}/mlflow.db", f"run_id={themed['run_id']}",
-                    "predict.boards=uncategorised", cwd=tmp_path)
-    assert proc.returncode == 2
-    line = proc.stderr.strip().splitlines()[-1]
-    assert "no store of the uncategorised boards" in line and "extract.uncategorised=true" in line
+    cfg = make_cfg("predict", [f"paths.work={tmp_path / 'elsewhere'}", f"data.root={themed['root']}",
+                               f"mlflow.tracking_uri=sqlite:///{themed['work']}/mlflow.db",
+                               f"run_id={themed['run_id']}", "predict.boards=uncategorised"])
+    with pytest.raises(UserError) as err:
+        predict(cfg)
+    line = str(err.value)
+    assert "\n" not in line and "no store of the uncategorised boards" in line and "extract.uncategorised=true" in line
 
 
 def test_the_default_store_and_protocol_do_not_change_with_uncategorised_boards(themed, tmp_path):
     plain = tmp_path / "work"
     args = [f"paths.work={plain}", *themed["args"][1:]]
-    assert run_verb("extract", *args, cwd=tmp_path).returncode == 0
+    extract(make_cfg("extract", args), progress=False)
     assert not (plain / "export" / "uncategorised").exists()
     a, b = plain / "export" / "embeddings" / "pixels", themed["work"] / "export" / "embeddings" / "pixels"
     for name in ("embeddings.npy", "index.parquet"):
@@ -156,9 +157,8 @@ def test_the_default_store_and_protocol_do_not_change_with_uncategorised_boards(
     assert fa == fb
     assert file_sha256(plain / "export" / "manifest.parquet") == file_sha256(themed["work"] / "export" /
                                                                               "manifest.parquet")
-    proc = run_verb("train", *args[:3], "classifier=logreg", "train.log_pipeline=false", "train.n_jobs=1",
-                    cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    train(make_cfg("train", [*args[:3], "classifier=logreg", "train.log_pipeline=false", "train.n_jobs=1"]),
+          progress=False)
     import mlflow
 
     protocols = []

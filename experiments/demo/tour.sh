@@ -19,4 +19,7 @@ run() { echo "\$ python -m pinterest_cls.$*"; "$py" -m "pinterest_cls.$@" "paths
   run audit
   run cluster
   run search pin=alice/hiking/pin_003 k=5
+  run extract extract.uncategorised=true
+  rid=$("$py" -c "import mlflow; mlflow.set_tracking_uri('sqlite:///$work/mlflow.db'); print(mlflow.search_runs(experiment_names=['demo'], filter_string=\"tags.verb = 'train' and tags.backbone = 'efficientnet_lite0' and tags.classifier = 'logreg'\", output_format='list')[0].info.run_id)")
+  run predict "run_id=$rid" predict.boards=uncategorised
 } | grep -v "^\[20" | tee "$log"

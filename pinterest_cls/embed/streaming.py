@@ -217,7 +217,8 @@ def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True
     return metas
 
 
-def extract_uncategorised(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True) -> dict[str, dict]:
+def extract_uncategorised(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True,
+                          on_done: Callable | None = None) -> dict[str, dict]:
     """The pins of the export's uncategorised boards (``data.manifest.scan_uncategorised``) through the same
     backbones and settings, into stores of their own in ``<paths.data>/uncategorised/embeddings/``; the export's
     stores are left as they are. Not calibrated (no copies are looked for among them)."""
@@ -231,7 +232,7 @@ def extract_uncategorised(cfg: DictConfig, bcfgs: list[DictConfig], progress: bo
         OmegaConf.update(sub_cfg, "paths.embeddings", str(sub / "embeddings"), merge=False)
         OmegaConf.update(sub_cfg, "extract.calibrate.pins", 0, merge=False)
     log.info(f"uncategorised boards: {sub}")
-    return extract_many(sub_cfg, bcfgs, progress=progress)
+    return extract_many(sub_cfg, bcfgs, progress=progress, on_done=on_done)
 
 
 def _calibrate(cfg: DictConfig, backbones: dict) -> None:

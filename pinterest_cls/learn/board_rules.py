@@ -121,14 +121,14 @@ def board_table(pins: pd.DataFrame, probs: np.ndarray | None, classes: np.ndarra
 def board_metrics(table: pd.DataFrame, n_boot: int, seed: int) -> dict:
     """``test_board_<rule>_accuracy`` and ``_f1_macro`` of each rule in ``table``, with 95 % percentile bootstrap
     intervals that resample the boards (``_ci_low``, ``_ci_high``; none with ``n_boot`` 0)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
     out = {}
     for rule in RULES:
         if rule not in table.columns or table[rule].isna().any():
             continue
         truth, pred = table["truth"].astype(str).to_numpy(), table[rule].astype(str).to_numpy()
-        ci = bootstrap_ci(truth, pred, None, n_boot=max(n_boot, 1), seed=seed)
-        from sklearn.metrics import accuracy_score, f1_score
-
+        ci = bootstrap_ci(truth, pred, None, n_boot=n_boot, seed=seed) if n_boot else {}
         values = {"accuracy": accuracy_score(truth, pred),
                   "f1_macro": f1_score(truth, pred, average="macro", labels=np.unique(truth), zero_division=0)}
         for key, value in values.items():
