@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
@@ -26,8 +25,7 @@ from pinterest_cls.core.cli import verb_main
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.data.store import uncategorised_store
 from pinterest_cls.learn.board_rules import BOARD_PREDICTIONS, label_boards
-from pinterest_cls.learn.estimators import class_scores
-from pinterest_cls.serving.end_to_end import EndToEnd, collect_inputs
+from pinterest_cls.serving.end_to_end import EndToEnd, collect_inputs, folder_board_scores, store_board_scores
 from pinterest_cls.serving.model_io import load_boards, load_run
 
 log = logging.getLogger(__name__)
@@ -74,29 +72,14 @@ def predict_boards(cfg: DictConfig, mode: str) -> pd.DataFrame:
     uri, run_id = str(cfg.mlflow.tracking_uri), str(cfg.run_id)
     classifier, meta = load_run(uri, run_id)
     if mode == "uncategorised":
-        store = uncategorised_store(cfg, meta)
-        pins = store.pins[["user", "board", "pin", "path"]].reset_index(drop=True)
-        ok = store.pins["embedded"].to_numpy(dtype=bool)
-        probs = np.full((len(pins), len(classifier.classes_)), np.nan)
-        scores = class_scores(classifier, np.asarray(store.vectors[ok], dtype=np.float32)) if ok.any() else None
-        if ok.any() and scores is None:
-            raise UserError(f"the classifier of run {run_id} gives no class scores; train one that does")
-        if ok.any():
-            probs[ok] = scores
+        pins, probs = store_board_scores(classifier, uncategorised_store(cfg, meta))
     else:
         folder = Path(str(cfg.inputs or ""))
         if not cfg.inputs or not folder.is_dir():
             raise UserError(f"predict.boards=folder needs inputs=<a folder of one board's images>, not {cfg.inputs}")
-        paths = collect_inputs(str(folder))
-        if not paths:
-            raise UserError(f"inputs={cfg.inputs} holds no images")
         p = cfg.predict
         model = EndToEnd(classifier, meta, batch_size=int(p.batch_size), workers=p.workers, device=str(p.device))
-        probs, _ = model.class_scores_of(paths, progress=True)
-        if probs is None:
-            raise UserError(f"the classifier of run {run_id} gives no class scores; train one that does")
-        pins = pd.DataFrame({"user": "", "board": folder.resolve().name, "path": paths,
-                             "pin": [str(Path(x).relative_to(folder)) for x in paths]})
+        pins, probs = folder_board_scores(model, folder)
     record = load_boards(uri, run_id)
     abstention = (record or {}).get("abstention")
     if abstention is None:

@@ -82,6 +82,34 @@ class EndToEnd:
         return frame
 
 
+def store_board_scores(classifier, store) -> tuple[pd.DataFrame, np.ndarray]:
+    """(the pins of a store: user, board, pin, path; the classifier's class scores of each, NaN where the pin
+    failed to embed) for labelling its boards."""
+    pins = store.pins[["user", "board", "pin", "path"]].reset_index(drop=True)
+    ok = store.pins["embedded"].to_numpy(dtype=bool)
+    probs = np.full((len(pins), len(classifier.classes_)), np.nan)
+    if ok.any():
+        scores = class_scores(classifier, np.asarray(store.vectors[ok], dtype=np.float32))
+        if scores is None:
+            raise UserError(f"{type(classifier[-1]).__name__} gives no class scores to label boards with")
+        probs[ok] = scores
+    return pins, probs
+
+
+def folder_board_scores(model: EndToEnd, folder: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """(the images of ``folder``, found recursively, as the pins of one board named after it; their class scores
+    by ``model``, NaN where an image failed)."""
+    paths = collect_inputs(str(folder))
+    if not paths:
+        raise UserError(f"inputs={folder} holds no images")
+    probs, _ = model.class_scores_of(paths, progress=True)
+    if probs is None:
+        raise UserError(f"{type(model.classifier[-1]).__name__} gives no class scores to label boards with")
+    pins = pd.DataFrame({"user": "", "board": Path(folder).resolve().name, "path": paths,
+                         "pin": [str(Path(x).relative_to(folder)) for x in paths]})
+    return pins, probs
+
+
 def collect_inputs(spec: str, image_name: str = "pin_closeup_image.jpg") -> list[str]:
     """Paths from a folder (images found recursively; a Pinterest export's pins), a text file listing paths
     (one per line, relative to the file's folder), or a single image."""
