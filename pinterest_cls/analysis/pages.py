@@ -41,10 +41,8 @@ def write_board_page(folder: Path, boards: pd.DataFrame, pins: pd.DataFrame, tit
                  + (f", {r.failed} unreadable" if r.failed else "") + ("<br>" + ", ".join(tops) if tops else ""))
         g = by_board.get((r.user, r.board))
         if g is not None:
-            first = [p for p in str(getattr(r, "top_pins", "") or "").split(";") if p]
-            ordered = sorted(g.itertuples(index=False), key=lambda p: (str(p.pin) not in first,
-                                                                       first.index(str(p.pin)) if str(p.pin) in first
-                                                                       else 0, str(p.pin)))
+            rank = {p: i for i, p in enumerate(str(getattr(r, "top_pins", "") or "").split(";")) if p}
+            ordered = sorted(g.itertuples(index=False), key=lambda p: (rank.get(str(p.pin), len(rank)), str(p.pin)))
             page.tiles([page.tile(p.path, f"b{i}_{hashlib.sha1(str(p.path).encode()).hexdigest()[:12]}",
                                   [esc(p.pin)]) for p in ordered[:strip]])
         page.raw("</div>")

@@ -48,7 +48,8 @@ def category_verdict(raw: str | None, reject: list[str], source: str) -> tuple[s
     return category, None
 
 
-def _stat(path: Path) -> tuple[int | None, int | None]:
+def file_stat(path: Path) -> tuple[int | None, int | None]:
+    """(size in bytes, mtime in ns) of ``path``, or (None, None) where it cannot be read."""
     try:
         st = path.stat()
     except OSError:
@@ -90,7 +91,7 @@ def walk_pinterest(root: Path, reject: list[str], image_name: str = "pin_closeup
                 elif not image.is_file():
                     c.status, c.reason = "missing", f"no {image_name} in pin folder"
                 else:
-                    c.bytes, c.mtime_ns = _stat(image)
+                    c.bytes, c.mtime_ns = file_stat(image)
                 walk.candidates.append(c)
     return walk
 
@@ -114,7 +115,7 @@ def walk_imagefolder(root: Path, reject: list[str]) -> Walk:
             if rejected:
                 c.status, c.reason = "rejected", rejected
             else:
-                c.bytes, c.mtime_ns = _stat(path)
+                c.bytes, c.mtime_ns = file_stat(path)
             walk.candidates.append(c)
     return walk
 
@@ -153,7 +154,7 @@ def walk_table(file: Path, reject: list[str], columns: dict) -> Walk:
         elif not path.is_file():
             c.status, c.reason = "missing", "file not found"
         else:
-            c.bytes, c.mtime_ns = _stat(path)
+            c.bytes, c.mtime_ns = file_stat(path)
         walk.candidates.append(c)
     walk.candidates.sort(key=lambda c: (c.user, c.board, c.pin, c.path))
     return walk

@@ -27,7 +27,7 @@ from pinterest_cls.core.fileio import atomic_write_json, available_cpus, file_sh
 from pinterest_cls.core.progress import progress_bar
 from pinterest_cls.data.demo import ensure_demo_export
 from pinterest_cls.data.images import DEFAULT_MAX_PIXELS, verify_image
-from pinterest_cls.data.layouts import Candidate, walk_export
+from pinterest_cls.data.layouts import Candidate, file_stat, walk_export
 
 log = logging.getLogger(__name__)
 
@@ -308,13 +308,11 @@ def scan_uncategorised(cfg: DictConfig, progress: bool = True) -> Path | None:
     candidates = []
     for r in rows.itertuples(index=False):
         c = Candidate(r.user, r.board, r.pin, r.category, r.path)
-        try:
-            st = os.stat(r.path)
-            c.bytes, c.mtime_ns = st.st_size, st.st_mtime_ns
-        except OSError:
+        c.bytes, c.mtime_ns = file_stat(Path(r.path))
+        if c.bytes is None:
             c.status, c.reason = "missing", "no image file in pin folder"
         candidates.append(c)
-    sub = out / UNCATEGORISED
+    sub = uncategorised_dir(cfg)
     sub.mkdir(parents=True, exist_ok=True)
     settings = settings_from(cfg)
     with locked(sub):

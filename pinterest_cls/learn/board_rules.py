@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from pinterest_cls.learn.estimators import class_scores
-from pinterest_cls.learn.metrics import bootstrap_ci
+from pinterest_cls.learn.metrics import bootstrap_ci, majority_vote
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,6 @@ def _firsts(ids: np.ndarray) -> np.ndarray:
     return np.unique(ids, return_index=True)[1]
 
 
-def _vote(pred: np.ndarray) -> str:
-    values, counts = np.unique(pred.astype(str), return_counts=True)
-    return str(values[counts == counts.max()][0])  # np.unique sorts: ties go to the first name
-
-
 def mean_scores(probs: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """(boards, classes): each board's mean pin distribution."""
     n = ids.max() + 1 if len(ids) else 0
@@ -108,7 +103,7 @@ def board_table(pins: pd.DataFrame, probs: np.ndarray | None, classes: np.ndarra
     table = pd.DataFrame({c: pins[c].to_numpy()[first] for c in ("user", "board", "truth")})
     table["pins"] = np.bincount(ids)
     pred = pins["prediction"].to_numpy()
-    table["vote"] = [_vote(pred[m]) for m in members_of(ids)]
+    table["vote"] = [majority_vote(pred[m]) for m in members_of(ids)]
     if probs is not None:
         means = mean_scores(pin_distribution(probs, temperature), ids)
         table["mean_prob"] = np.asarray(classes)[means.argmax(1)]
@@ -184,7 +179,7 @@ def pins_curve(pins: pd.DataFrame, probs: np.ndarray | None, classes: np.ndarray
         acc = {"vote": [], "mean_prob": []}
         for _ in range(draws):
             picks = [m if len(m) <= k else rng.choice(m, k, replace=False) for m in members]
-            acc["vote"].append(np.mean([_vote(pred[p]) == t for p, t in zip(picks, truth)]))
+            acc["vote"].append(np.mean([majority_vote(pred[p]) == t for p, t in zip(picks, truth)]))
             if dist is not None:
                 acc["mean_prob"].append(np.mean([classes[dist[p].mean(0).argmax()] == t
                                                  for p, t in zip(picks, truth)]))

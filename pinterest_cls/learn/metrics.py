@@ -48,13 +48,16 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.nd
     return {k: float(v) for k, v in out.items()}
 
 
+def majority_vote(pred: np.ndarray) -> str:
+    """The most frequent of the predicted categories ``pred`` (ties: the first in sorted order)."""
+    values, counts = np.unique(np.asarray(pred).astype(str), return_counts=True)
+    return str(values[counts == counts.max()][0])  # np.unique sorts: ties go to the first name
+
+
 def board_accuracy(frame: pd.DataFrame) -> float:
-    """Share of boards whose majority predicted category (ties: first in sorted order) is their category."""
-    correct = []
-    for _, g in frame.groupby(["user", "board"], sort=True):
-        votes = g["prediction"].value_counts()
-        top = sorted(votes[votes == votes.max()].index)[0]
-        correct.append(top == g["truth"].iloc[0])
+    """Share of boards whose majority predicted category (``majority_vote``) is their category."""
+    correct = [majority_vote(g["prediction"].to_numpy()) == str(g["truth"].iloc[0])
+               for _, g in frame.groupby(["user", "board"], sort=True)]
     return float(np.mean(correct)) if correct else float("nan")
 
 
