@@ -23,6 +23,8 @@ from pinterest_cls.core.errors import UserError
 from pinterest_cls.embed.device import resolve_device
 
 log = logging.getLogger(__name__)
+#: Rows per forward pass of ``TorchMLP.predict_proba`` (every pass of this one shape).
+PREDICT_BLOCK = 256
 
 VOTES = ("uniform", "distance", "softmax")
 
@@ -211,9 +213,18 @@ class TorchMLP(ClassifierMixin, BaseEstimator):
         net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in self.state_.items()})
         net.to(device).eval()
         out = []
+        # blocks of one fixed shape, the last one padded: a row's probabilities are then the same whatever rows
+        # are predicted with it (a matmul's last bits depend on its shape, e.g. on oneDNN with AMX)
+        block = PREDICT_BLOCK
         with torch.no_grad():
-            for start in range(0, len(X), 8192):
-                out.append(torch.softmax(net(torch.from_numpy(X[start:start + 8192]).to(device)), dim=1).cpu())
+            for start in range(0, len(X), block):
+                part = X[start:start + block]
+                padded = np.zeros((block, X.shape[1]), np.float32)
+                padded[:len(part)] = part
+                logits = net(torch.from_numpy(padded).to(device))[:len(part)]
+                out.append(torch.softmax(logits, dim=1).cpu())
+        if not out:
+            return np.zeros((0, len(self.classes_)))
         return torch.cat(out).numpy().astype(np.float64)
 
     def predict(self, X):
