@@ -46,13 +46,13 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
         return predict_boards(cfg, str(boards))
     if not cfg.inputs:
         raise UserError("give inputs=<folder | list.txt | export | image>")
-    classifier, meta = load_run(str(cfg.mlflow.tracking_uri), str(cfg.run_id))
+    classifier, meta, int8_dir = load_run(str(cfg.mlflow.tracking_uri), str(cfg.run_id))
     paths = collect_inputs(str(cfg.inputs))
     if not paths:
         raise UserError(f"inputs={cfg.inputs} holds no images")
     p = cfg.predict
     model = EndToEnd(classifier, meta, top_k=int(p.top_k), batch_size=int(p.batch_size), workers=p.workers,
-                     device=str(p.device))
+                     device=str(p.device), int8_dir=int8_dir)
     frame = model.predict_paths(paths, progress=True)
     out = Path(p.out) if p.out else config.job_output_dir() / "predictions.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def predict_boards(cfg: DictConfig, mode: str) -> pd.DataFrame:
     """Label boards with the train run: the export's uncategorised boards from their store, or the folder
     ``inputs`` as one board; writes ``board_predictions.csv`` and ``board_predictions.html``."""
     uri, run_id = str(cfg.mlflow.tracking_uri), str(cfg.run_id)
-    classifier, meta = load_run(uri, run_id)
+    classifier, meta, int8_dir = load_run(uri, run_id)
     if mode == "uncategorised":
         pins, probs = store_board_scores(classifier, uncategorised_store(cfg, meta))
     else:
@@ -78,7 +78,8 @@ def predict_boards(cfg: DictConfig, mode: str) -> pd.DataFrame:
         if not cfg.inputs or not folder.is_dir():
             raise UserError(f"predict.boards=folder needs inputs=<a folder of one board's images>, not {cfg.inputs}")
         p = cfg.predict
-        model = EndToEnd(classifier, meta, batch_size=int(p.batch_size), workers=p.workers, device=str(p.device))
+        model = EndToEnd(classifier, meta, batch_size=int(p.batch_size), workers=p.workers, device=str(p.device),
+                         int8_dir=int8_dir)
         pins, probs = folder_board_scores(model, folder)
     record = load_boards(uri, run_id)
     abstention = (record or {}).get("abstention")

@@ -17,6 +17,7 @@ from pinterest_cls.core.errors import UserError
 from pinterest_cls.data.metadata import META
 from pinterest_cls.data.store import store_for
 from pinterest_cls.embed.embedder import embed_file
+from pinterest_cls.embed.quantization import INT8_DIR
 from pinterest_cls.neighbors.faiss_index import load_or_build, search_batched, unit_rows
 from pinterest_cls.track.plots import contact_sheet
 
@@ -36,7 +37,8 @@ def search(cfg: DictConfig) -> pd.DataFrame:
         vec = store.vectors_of(by_row.loc[[query_row]].reset_index())
         desc = f"pin {cfg.pin} ({by_row.at[query_row, 'path']})"
     else:  # a bad query fails before any index or model
-        query_row, vec, desc = None, embed_file(store.meta, str(cfg.query)), str(cfg.query)
+        query_row, desc = None, str(cfg.query)
+        vec = embed_file(store.meta, str(cfg.query), int8_dir=store.folder / INT8_DIR)
     s = cfg.search
     rows = store.embedded()["row"].to_numpy()
     index, rows, info = load_or_build(store.folder, store.vectors, rows, str(s.index), int(s.recall_k),

@@ -19,7 +19,7 @@ from pinterest_cls.data.store import store_for
 from pinterest_cls.learn.fitting import board_results, fit_and_test, run_params
 from pinterest_cls.learn.metrics import bootstrap_metrics, summary
 from pinterest_cls.learn.splits import board_keys, has_boards, sample_rows, split_for_run, split_table
-from pinterest_cls.serving.model_io import EMBEDDINGS_META, log_model
+from pinterest_cls.serving.model_io import EMBEDDINGS_INT8, EMBEDDINGS_META, copy_int8_model, log_model
 from pinterest_cls.serving.pyfunc import log_pipeline
 from pinterest_cls.track.tracking import mlflow_run
 
@@ -60,6 +60,7 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
         write_train_outputs(out, fitted, categories, f"{name}, split={splits.name}", metrics)
         params = run_params(cfg, store, frame, splits, fitted, {**extra, **excluded, "ci": ci_desc})
         shutil.copyfile(store.folder / META, out / EMBEDDINGS_META)  # what predict needs to rebuild the backbone
+        int8 = copy_int8_model(store, out / EMBEDDINGS_INT8)  # and the int8 model, on int8 embeddings
         model = fitted.search.best_estimator_
 
         def log_models() -> None:
@@ -70,6 +71,7 @@ def train(cfg: DictConfig, progress: bool = True) -> dict:
         run.log(params=params, metrics=metrics, tags={"leaky_inner_cv": "true"} if fitted.leaky else {},
                 artifacts={**{out / f: "" for f in (*TRAIN_FILES, *(BOARD_FILES if boards else ()),
                                                     EMBEDDINGS_META)},
+                           **{f: EMBEDDINGS_INT8 for f in int8},
                            out / "confusion_matrix.png": "plots",
                            **({out / "board_curve.png": "plots"} if boards is not None else {})}, then=log_models)
     shown = ("test_accuracy", "test_f1_macro", "test_balanced_accuracy", "test_board_vote_accuracy",

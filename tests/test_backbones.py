@@ -180,3 +180,35 @@ def test_the_weights_cache_command_names_the_13_study_repositories():
     assert code in guide
     repos = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert len(repos) == 13 and repos[0] == "timm/convnext_tiny.fb_in1k" and repos[-1] == "timm/legacy_xception.tf_in1k"
+
+
+def _sample_photo(path: Path, size: tuple[int, int]) -> Path:
+    """scikit-learn's china.jpg, resized to ``size`` and saved as a JPEG: a real photograph."""
+    Image.fromarray(np.asarray(load_sample_images().images[0])).resize(size, Image.BICUBIC).save(path, quality=90)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["efficientnet_lite0", "pixels"])
+def test_the_tensor_resize_gives_the_pil_resizes_pixels_but_for_rounding(tmp_path, kind):
+    from pinterest_cls.data.images import load_rgb
+
+    photo = _sample_photo(tmp_path / "p.jpg", (736, 1100))  # a real-size pin, portrait
+    tensor, pil = build_backbone(kind, resize="tensor"), build_backbone(kind, resize="pil")
+    image = load_rgb(photo, min_size=tensor.resize_size)  # draft-decoded, as the workers do
+    a, b = tensor.transform(image), pil.transform(image)
+    assert a.dtype == b.dtype == torch.uint8 and a.shape == b.shape and a.is_contiguous()
+    diff = (a.int() - b.int()).abs()
+    assert diff.max() <= 3 and diff.float().mean() < 0.05  # the same geometry, the same filter
+    assert tensor.info["resize"] == "tensor" and pil.info["resize"] == "pil"
+    assert repr(tensor.transform) != repr(pil.transform)  # one decode for many backbones keeps them apart
+    shifted = (a.int() - torch.roll(b, 1, dims=2).int()).abs().float().mean()
+    assert shifted > 20 * diff.float().mean()  # a crop one pixel off would show
+
+
+def test_a_resize_or_interpolation_without_a_tensor_kernel_is_a_one_line_error():
+    with pytest.raises(UserError, match=r"extract.resize='cv2' must be one of: tensor, pil"):
+        build_backbone("pixels", resize="cv2")
+    bcfg = {"name": "t", "kind": "timm", "model": "test_efficientnet", "pretrained": False, "interpolation": "lanczos"}
+    with pytest.raises(UserError, match=r"interpolation 'lanczos' has no tensor resize; use extract.resize=pil"):
+        build_backbone(bcfg)
+    assert build_backbone(bcfg, resize="pil").info["interpolation"] == "lanczos"

@@ -238,3 +238,36 @@ def test_a_second_writer_of_a_shard_names_the_holder_and_stops(tmp_path, export)
     assert first.wait(timeout=300) == 0
     done = run_verb("extract", *args, cwd=tmp_path)
     assert done.returncode == 0 and "already done" in done.stdout + done.stderr
+
+
+def test_a_store_made_before_extract_resize_reads_as_pil_and_is_resumed_only_with_it(tmp_path, export):
+    from pinterest_cls.data.metadata import read_meta
+    from pinterest_cls.embed.embedder import Embedder, backbone_from_meta
+
+    work = tmp_path / "w"
+    extract(cfg_for(work, export, "extract.resize=pil", "extract.commit_every=1", "extract.shard.count=2"),
+            progress=False)  # half the rows, resized by Pillow
+    folder = work / "exp" / "embeddings" / "test_efficientnet"
+    raw = json.loads((folder / "meta.json").read_text())
+    assert raw["fingerprint"]["resize"] == raw["extract"]["resize"] == raw["preprocessing"]["resize"] == "pil"
+    for part in ("fingerprint", "extract", "preprocessing"):  # as a store from before the option was written
+        del raw[part]["resize"]
+    (folder / "meta.json").write_text(json.dumps(raw))
+    meta = read_meta(folder)
+    assert meta.extract.resize == "pil" and meta.fingerprint["resize"] == "pil"
+    backbone = backbone_from_meta(meta)  # predict, search and the served model resize as its rows were
+    assert backbone.info["resize"] == "pil"
+    before = (folder / "embeddings.npy").read_bytes()
+    with pytest.raises(UserError, match=r"resize: stored 'pil', now 'tensor'.*re-run with the original settings"):
+        extract(cfg_for(work, export, "extract.shard.count=2", "extract.shard.index=1"),
+                progress=False)  # the default is the tensor resize
+    assert (folder / "embeddings.npy").read_bytes() == before  # nothing written is lost
+    other_half = ["extract.resize=pil", "extract.shard.count=2", "extract.shard.index=1"]
+    done = extract(cfg_for(work, export, *other_half), progress=False)  # continued with its own resize
+    assert done["complete"] and done["last_run"]["rows"] == 12
+    emb, index, _ = store_of(work)
+    paths = list(index["path"][[0, 20]])  # a row of the first run and one of the resumed run
+    again, _ = Embedder.for_store(backbone, read_meta(folder), "cpu")(paths, workers=0)
+    assert again.tobytes() == np.asarray(emb[[0, 20]], np.float32).tobytes()
+    with pytest.raises(UserError, match=r"resizes with 'tensor', its store's pins with extract.resize='pil'"):
+        Embedder.for_store(build_backbone(TINY[0].split("=")[1]), read_meta(folder))

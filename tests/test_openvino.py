@@ -99,7 +99,9 @@ def test_a_classifier_trained_on_torch_features_scores_the_same_on_openvino_feat
     X_ov, index_ov, _ = read_store(tmp_path / "w" / "demo" / "ov" / "efficientnet_lite0")
     assert list(index["path"]) == list(index_ov["path"])
     X_torch, X_ov = np.asarray(X_torch, np.float32), np.asarray(X_ov, np.float32)
-    assert cosines(X_torch, X_ov).min() > 0.98
+    # the default precision: fp32 without native bf16; with it, bf16 in each runtime's own kernels (the demo's
+    # hard-edged pins measured down to 0.978 there)
+    assert cosines(X_torch, X_ov).min() > (0.97 if torch_meta["extract"]["amp"] == "bf16" else 0.98)
     y, groups = index["category"].to_numpy(), index["board"].to_numpy()
     right_torch = right_ov = 0
     for train, test in StratifiedGroupKFold(4).split(X_torch, y, groups):  # whole boards held out
@@ -233,3 +235,88 @@ def test_predict_and_the_served_model_embed_with_the_stores_runtime(tmp_path, ov
     monkeypatch.setenv("PINTEREST_CLS_SERVE_ROOT", str(export))  # path input, inside the export only
     served = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"path": list(merged["path"][:6])}))
     assert list(served["prediction"]) == list(merged["prediction"][:6])
+
+
+pytest.importorskip("nncf")
+
+
+def test_an_int8_store_is_quantized_once_on_its_own_pins_and_embedded_with_by_predict_search_and_the_server(
+        tmp_path, ov_cache, monkeypatch):
+    import mlflow
+    import pandas as pd
+
+    from pinterest_cls.data.metadata import read_meta
+    from pinterest_cls.embed.embedder import embed_file
+    from pinterest_cls.predict import predict
+    from pinterest_cls.train import train
+
+    work = tmp_path / "work"
+    int8 = [*OV, f"paths.work={work}", "extract.workers=0", "extract.amp=int8", "extract.int8.pins=20",
+            "extract.commit_every=1"]
+    with pytest.raises(UserError, match=r"extract.amp=int8 is OpenVINO's post-training quantization: add "
+                                        r"extract.runtime=openvino"):
+        extract(make_cfg("extract", [*TINY, f"paths.work={work}", "mlflow.enabled=false", "extract.amp=int8"]),
+                progress=False)
+    meta = extract(make_cfg("extract", int8), progress=False)  # the demo, with the tiny model
+    folder = work / "demo" / "embeddings" / "test_efficientnet"
+    assert meta["extract"]["amp"] == meta["fingerprint"]["amp"] == "int8"
+    assert meta["fingerprint"]["int8"] == {"pins": 20, "seed": 0, "max_cosine_drop": 0.005,
+                                           "nncf": meta["versions"]["nncf"]}
+    record = json.loads((folder / "int8" / "int8.json").read_text())
+    assert record["pins"] == len(record["rows"]) == 20 and record["rows"] == sorted(set(record["rows"]))
+    assert 0.995 <= record["cosine_to_float_on_calibration_pins"] < 1.0  # NNCF's accuracy control held it
+    assert max(record["rows"]) < meta["rows"]  # a sample of the store's own rows
+    ir = (folder / "int8" / "model.xml").read_text()
+    assert "FakeQuantize" in ir or "FakeConvert" in ir  # quantized, not the float model
+    emb, index, _ = read_store(folder)
+    # a second run of the store reuses its one int8 model: nothing is quantized again
+    stamp = (folder / "int8" / "model.bin").stat().st_mtime_ns
+    extract(make_cfg("extract", int8), progress=False)
+    assert (folder / "int8" / "model.bin").stat().st_mtime_ns == stamp
+    # new images embedded as the rows were: bit for bit (search's query, predict, the server)
+    typed = read_meta(folder)
+    vec = embed_file(typed, index["path"][7], int8_dir=folder / "int8")
+    assert vec.tobytes() == np.asarray(emb[[7]], np.float32).tobytes()
+    fp32 = embed_images(backbone_from_meta(typed), list(index["path"][:8]), workers=0, amp="fp32",
+                        runtime="openvino", request_rows=3)[0]
+    assert not np.array_equal(fp32, np.asarray(emb[:8], np.float32))  # int8 is not the float model
+    result = train(make_cfg("train", [f"paths.work={work}", *TINY, "classifier=logreg", "classifier.grid.C=[10]",
+                                      "split=stratified", "train.n_jobs=1"]))
+    export = work / "demo" / "export"
+    frame = predict(make_cfg("predict", [f"paths.work={work}", f"run_id={result['run_id']}", f"inputs={export}",
+                                         f"predict.out={tmp_path / 'p.csv'}", "predict.workers=0"]))
+    run_preds = pd.read_csv(result["output_dir"] / "predictions.csv")
+    merged = run_preds.merge(frame, on="path", suffixes=("_run", ""))
+    assert len(merged) == len(run_preds) > 20 and (merged["prediction_run"] == merged["prediction"]).all()
+    mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")
+    monkeypatch.setenv("PINTEREST_CLS_SERVE_ROOT", str(export))
+    served = mlflow.pyfunc.load_model(f"runs:/{result['run_id']}/pipeline").predict(
+        pd.DataFrame({"path": list(merged["path"][:6])}))
+    assert list(served["prediction"]) == list(merged["prediction"][:6])
+    # an altered or missing int8 model is refused in one line, never replaced by the float model
+    with open(folder / "int8" / "model.bin", "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(UserError, match=r"model.bin differs from the int8 model the rows were embedded with"):
+        embed_file(typed, index["path"][7], int8_dir=folder / "int8")
+    with pytest.raises(UserError, match=r"its int8 model was not given"):
+        Embedder.for_store(backbone_from_meta(typed), typed)
+
+
+@pytest.mark.slow
+def test_int8_features_of_real_weights_keep_the_float_features_on_real_photos_held_out_of_calibration(
+        photos, lite0, tmp_path):
+    from pinterest_cls.embed.quantization import Int8Model, settings, store_int8_model
+
+    calibration, held_out = photos[::2], photos[1::2]  # 12 photos calibrate, the other 12 are measured
+    xml = store_int8_model(tmp_path, "digest", lite0, calibration, settings(300, 0, 0.005), 3, True, 10**8)
+    record = json.loads((tmp_path / "int8" / "int8.json").read_text())
+    assert record["pins"] == 12 and record["cosine_to_float_on_calibration_pins"] >= 0.995
+    int8 = Embedder(lite0, amp=Int8Model(xml), runtime="openvino", request_rows=3)(held_out, workers=0)[0]
+    fp32 = embed_images(lite0, held_out, workers=0, amp="fp32", runtime="openvino", request_rows=3)[0]
+    cos = cosines(int8, fp32)
+    # 12 calibration photos generalise less than a store's 300 pins (0.9974 over 2,000 Fashion pins, 300 of them
+    # the calibration's: experiments/throughput); measured 0.988 (min 0.971) here; every operation quantized: ~0.96
+    assert not np.array_equal(int8, fp32) and cos.mean() >= 0.98 and cos.min() >= 0.95

@@ -23,7 +23,8 @@ META = "meta.json"
 FORMAT_VERSION = 2
 #: Fingerprint keys added after the first stores were written, with the value those stores were made with: a
 #: store whose fingerprint lacks such a key matches a run with that value (so it can still be resumed).
-FINGERPRINT_DEFAULTS = {"decode": "cpu", "micro_batch": None, "runtime": "torch", "request_rows": None}
+FINGERPRINT_DEFAULTS = {"decode": "cpu", "micro_batch": None, "runtime": "torch", "request_rows": None,
+                        "resize": "pil"}
 #: What to do with a store whose meta.json cannot be trusted.
 REEXTRACT = "re-extract the store with extract.overwrite=true"
 
@@ -48,6 +49,8 @@ class ExtractRecord:
     micro_batch: int | None = None
     runtime: str = "torch"
     request_rows: int | None = None
+    resize: str = "pil"  # extract.resize (embed.backbones.RESIZES); stores from before the option resized with Pillow
+    int8: dict | None = None  # extract.amp=int8: the calibration's settings (embed.quantization.settings)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from pinterest_cls.data.metadata import CALIBRATION, fingerprint_digest, read_ca
 from pinterest_cls.data.pixel_match import verify_pairs
 from pinterest_cls.data.store import open_store
 from pinterest_cls.embed.embedder import Embedder
+from pinterest_cls.embed.quantization import INT8_DIR
 from pinterest_cls.neighbors.faiss_index import blocks, unit_rows
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def calibrate(folder: Path, backbone, pins: int, seed: int, min_score: float,
     sample = pool.iloc[np.sort(rng.choice(len(pool), min(pins, len(pool)), replace=False))].reset_index(drop=True)
     with tempfile.TemporaryDirectory() as tmp:
         copies = _write_copies(sample, Path(tmp), rng)
-        feats, reasons = Embedder.for_store(backbone, store.meta, device)([c["path"] for c in copies], workers=0)
+        embed = Embedder.for_store(backbone, store.meta, device, int8_dir=Path(folder) / INT8_DIR)
+        feats, reasons = embed([c["path"] for c in copies], workers=0)
         ok = [i for i, r in enumerate(reasons) if not r]
         copies = [copies[i] for i in ok]
         index = np.array([c["sample"] for c in copies], dtype=np.int64)

@@ -34,22 +34,34 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_amp(amp: str, device: torch.device, key: str = "extract.amp", training: bool = False
-                ) -> torch.dtype | None:
+#: ``extract.amp=int8``: OpenVINO's post-training int8 (embed.quantization), not an autocast dtype.
+INT8 = "int8"
+
+
+def resolve_amp(amp: str, device: torch.device, key: str = "extract.amp", training: bool = False,
+                runtime: str = "torch") -> torch.dtype | str | None:
     """The autocast dtype (None: fp32), the one precision policy of extract, predict, search and finetune.
 
     ``auto`` for features (``training=False``): fp16 on CUDA; on CPU bf16 where the CPU has native bf16, else
     none. ``auto`` for training: bf16 on CUDA where supported (no loss scaling needed), else fp16 with a
     GradScaler; none on CPU, where bf16 autocast measured no faster for training (experiments/fashion_mnist).
-    ``off`` (= ``fp32``) | ``bf16`` | ``fp16`` force it; ``key`` names the setting in errors.
+    ``off`` (= ``fp32``) | ``bf16`` | ``fp16`` force it; ``int8`` (``INT8``, returned as that string) is
+    NNCF's post-training quantization, with ``runtime="openvino"`` only; ``key`` names the setting in errors.
 
     On CUDA, fp16 keeps the features within a row cosine of 0.999 of fp32 while bf16 does not (measured on an
     H100 with efficientnet_lite0's real weights on real photos: fp16 >= 0.999, bf16 down to 0.993;
     tests/test_gpu.py), at the same speed; an fp16 overflow stops the run (``Runner``) rather than
     storing infinities."""
     amp = str(amp)
-    if amp not in ("auto", "off", "fp32", "bf16", "fp16"):
-        raise UserError(f"{key}={amp!r} must be one of: auto, off (= fp32), bf16, fp16")
+    if amp not in ("auto", "off", "fp32", "bf16", "fp16", INT8):
+        raise UserError(f"{key}={amp!r} must be one of: auto, off (= fp32), bf16, fp16, int8 (OpenVINO)")
+    if amp == INT8 and training:
+        raise UserError(f"{key}=int8 quantizes features after training, it does not train; use auto, off, bf16 "
+                        "or fp16")
+    if amp == INT8 and runtime != "openvino":
+        raise UserError(f"{key}=int8 is OpenVINO's post-training quantization: add extract.runtime=openvino")
+    if amp == INT8:
+        return INT8
     if amp in ("off", "fp32"):
         return None
     if amp == "auto" and training:
@@ -78,9 +90,9 @@ def strict_fp32(device: torch.device):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
 
 
-def amp_name(dtype: torch.dtype | None) -> str:
-    """The precision a run used, as recorded in ``meta.json``: ``bf16``, ``fp16`` or ``fp32``."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
+def amp_name(dtype: torch.dtype | str | None) -> str:
+    """The precision a run used, as recorded in ``meta.json``: ``bf16``, ``fp16``, ``fp32`` or ``int8``."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32", INT8: INT8}[dtype]
 
 
 def runtime_device(runtime: str, device: str, key: str = "extract.device") -> torch.device:

@@ -14,10 +14,11 @@ from pinterest_cls.core.errors import UserError
 from pinterest_cls.core.progress import progress_bar
 from pinterest_cls.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
 from pinterest_cls.data.loader import PinDataset, default_workers, make_loader
-from pinterest_cls.data.metadata import StoreMeta
+from pinterest_cls.data.metadata import StoreMeta, fingerprint_digest
 from pinterest_cls.embed.backbones import Backbone, build_backbone
-from pinterest_cls.embed.device import resolve_amp, runtime_device
-from pinterest_cls.embed.openvino_runtime import check_runtime
+from pinterest_cls.embed.device import INT8, resolve_amp, runtime_device
+from pinterest_cls.embed.openvino_runtime import OpenVINOOptions, check_runtime
+from pinterest_cls.embed.quantization import Int8Model, int8_model
 from pinterest_cls.embed.runner import make_runner
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def backbone_from_meta(meta: StoreMeta, check_weights: bool = True):
     """Rebuild the backbone that made a store: same config, same seed for random init, and (when the store
     recorded one) the same weights sha256."""
     torch.manual_seed(meta.extract.seed)
-    backbone = build_backbone(OmegaConf.create(meta.backbone_config))
+    backbone = build_backbone(OmegaConf.create(meta.backbone_config), resize=meta.extract.resize)
     want, got = meta.weights_sha256, backbone.info.get("weights_sha256")
     if check_weights and want and got != want:
         raise UserError(f"the weights found for backbone {meta.backbone} ({backbone.info.get('weights')}, "
@@ -40,33 +41,51 @@ class Embedder:
     """A backbone and its runner, built once, that embed any image paths through the same Dataset, loader and
     runner as ``extract``: what ``predict``, ``search`` and the served model use, so that a long-lived model
     (a server) compiles its runtime once. ``amp``: the precision (``auto``, ``bf16``, ``fp16``, ``fp32``, as
-    ``extract.amp``); ``dtype``: a store's dtype, whose rounding the features then get, so that they compare
-    with the store's rows; ``runtime`` and ``request_rows``: ``extract.runtime`` and OpenVINO's request shape.
+    ``extract.amp``; for int8, the store's model as an ``embed.quantization.Int8Model``); ``dtype``: a store's
+    dtype, whose rounding the features then get, so that they compare with the store's rows; ``runtime`` and
+    ``request_rows``: ``extract.runtime`` and OpenVINO's request shape.
 
     >>> from pinterest_cls import Embedder, build_backbone
     >>> embed = Embedder(build_backbone("efficientnet_lite0"))
     >>> features, reasons = embed(["a.jpg", "b.png"])   # (2, 1280) float32; reasons[i] == "" where ok
     """
 
-    def __init__(self, backbone, *, device: str = "auto", amp: str = "auto", draft: bool = True,
+    def __init__(self, backbone, *, device: str = "auto", amp: str | Int8Model = "auto", draft: bool = True,
                  max_pixels: int | None = None, dtype: str | None = None, runtime: str = "torch",
                  request_rows: int | None = None):
         runtime = check_runtime(runtime)
         self.backbone, self.draft, self.dtype = backbone, draft, dtype
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
         self.device = runtime_device(runtime, device)
-        self.runner = make_runner(backbone, self.device, resolve_amp(amp, self.device), runtime,
-                                  request_rows=request_rows)
+        ir = amp.xml if isinstance(amp, Int8Model) else None
+        amp = resolve_amp(INT8 if ir else amp, self.device, runtime=runtime)
+        if amp == INT8 and ir is None:
+            raise UserError("amp=int8 embeds with a store's int8 model: use Embedder.for_store with the store's "
+                            "int8 folder (or amp=Int8Model(model.xml))")
+        openvino = OpenVINOOptions(request_rows, ir) if runtime == "openvino" and request_rows is not None else None
+        self.runner = make_runner(backbone, self.device, amp, runtime, openvino=openvino)
 
     @classmethod
-    def for_store(cls, backbone, meta: StoreMeta, device: str = "auto", max_pixels: int | None = None) -> Embedder:
+    def for_store(cls, backbone, meta: StoreMeta, device: str = "auto", max_pixels: int | None = None,
+                  int8_dir: Path | None = None) -> Embedder:
         """Embedding new images exactly as the store of ``meta`` embedded its pins (``max_pixels``: a pixel limit
-        other than the store's)."""
+        other than the store's; ``int8_dir``: where its int8 model is, for a store of ``extract.amp=int8``: the
+        store's ``int8/`` folder or a train run's copy of it)."""
         ex = meta.extract
+        ir = None
+        if ex.amp == INT8:
+            if int8_dir is None:
+                raise UserError(f"the embeddings of {meta.backbone} were made with extract.amp=int8, and its int8 "
+                                "model was not given; re-run train on the store to log it with the run")
+            ir = Int8Model(int8_model(Path(int8_dir), fingerprint_digest(meta.fingerprint), f"the store of "
+                                      f"{meta.backbone}"))
+        if backbone.info.get("resize", "pil") != ex.resize:
+            raise UserError(f"backbone {backbone.name} resizes with {backbone.info.get('resize')!r}, its store's pins "
+                            f"with extract.resize={ex.resize!r}; build it with embed.embedder.backbone_from_meta")
         if ex.amp is None:
             log.warning("note: the embeddings' meta.json does not record the precision they were made with (made "
                         "before it was recorded); embedding with extract.amp=auto as resolved on this device")
-        return cls(backbone, device=device, amp=ex.amp or "auto", draft=ex.draft,
+        return cls(backbone, device=device, amp=ir or ex.amp or "auto", draft=ex.draft,
                    max_pixels=max_pixels or ex.max_pixels, dtype=meta.dtype, runtime=ex.runtime,
                    request_rows=ex.request_rows)
 
@@ -107,10 +126,10 @@ def embed_images(backbone, paths: list[str], *, batch_size: int = 64, workers: i
     return Embedder(backbone, **settings)(paths, batch_size=batch_size, workers=workers, progress=progress)
 
 
-def embed_file(meta: StoreMeta, path: str | Path, key: str = "query") -> np.ndarray:
-    """One image file embedded exactly as the store of ``meta`` embedded its pins: a (1, D) float32 vector. The
-    file is decoded first, so one that is not an image fails (a one-line error naming ``key``) before any model
-    is built."""
+def embed_file(meta: StoreMeta, path: str | Path, key: str = "query", int8_dir: Path | None = None) -> np.ndarray:
+    """One image file embedded exactly as the store of ``meta`` embedded its pins: a (1, D) float32 vector
+    (``int8_dir``: as for ``Embedder.for_store``). The file is decoded first, so one that is not an image fails (a
+    one-line error naming ``key``) before any model is built."""
     path = Path(str(path)).expanduser()
     if not path.is_file():
         raise UserError(f"{key}={path} is not a file")
@@ -118,7 +137,8 @@ def embed_file(meta: StoreMeta, path: str | Path, key: str = "query") -> np.ndar
         load_rgb(path)
     except ImageDecodeError as exc:
         raise UserError(f"{key}={path} is not an image ({exc})") from None
-    vec, reasons = Embedder.for_store(backbone_from_meta(meta), meta)([str(path)], batch_size=1, workers=0)
+    vec, reasons = Embedder.for_store(backbone_from_meta(meta), meta, int8_dir=int8_dir)([str(path)], batch_size=1,
+                                                                                          workers=0)
     if reasons[0]:
         raise UserError(f"{key}={path} is not an image ({reasons[0]})")
     return vec

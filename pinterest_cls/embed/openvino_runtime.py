@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("torch", "openvino")
 INSTALL = 'pip install -e ".[openvino]" (or pip install openvino)'
 #: OpenVINO's name for each precision of ``embed.device.amp_name``
-OV_PRECISION = {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}
+OV_PRECISION = {"bf16": "bf16", "fp16": "f16", "fp32": "f32", "int8": "f32"}  # int8: the rest of the model in f32
 
 
 def check_runtime(name: str, key: str = "extract.runtime") -> str:
@@ -118,22 +119,41 @@ def convert(model: torch.nn.Module, shape: tuple[int, ...], name: str):
     return core.read_model(str(xml)), False
 
 
+@dataclass(frozen=True)
+class OpenVINOOptions:
+    """What the OpenVINO runtime takes beside the backbone and precision: the request shape's rows
+    (``extract.openvino.request_rows``) and, for int8, the store's quantized IR (``embed.quantization``)."""
+
+    request_rows: int
+    ir: Path | None = None
+
+
 class OpenVINORunner:
     """Runs a feature model (uint8 (B, 3, H, W) -> (B, D)) compiled by OpenVINO for the CPU; the same interface
-    as ``embed.runner.Runner``. ``precision``: ``bf16`` | ``fp16`` | ``fp32`` (``embed.device.amp_name``);
+    as ``embed.runner.Runner``. ``precision``: ``bf16`` | ``fp16`` | ``fp32`` | ``int8`` (``embed.device.amp_name``;
+    int8 runs the quantized IR ``ir``, a store's ``embed.quantization.int8_model``, its other operations in f32);
     ``threads``: the CPU threads of all streams together (None: torch's current number)."""
 
     micro_batch = None  # the request shape plays its part
 
     def __init__(self, model: torch.nn.Module, input_size: tuple[int, int], precision: str, name: str,
-                 request_rows: int, threads: int | None = None):
+                 request_rows: int, threads: int | None = None, ir: Path | None = None):
         ov = import_openvino()
         if int(request_rows) < 1:
             raise UserError(f"extract.openvino.request_rows={request_rows} must be >= 1")
         self.rows = int(request_rows)
         self.shape = (self.rows, 3, *input_size)
         self.precision = precision
-        ov_model, self.cached = convert(model, self.shape, name)
+        if (precision == "int8") != (ir is not None):
+            raise ValueError("the int8 precision runs a quantized IR (embed.quantization), and only it")
+        if ir is not None:
+            ov_model, self.cached = ov.Core().read_model(str(ir)), True
+            got_shape = tuple(ov_model.inputs[0].get_partial_shape().to_shape())
+            if got_shape != self.shape:
+                raise UserError(f"the int8 model {ir} takes requests of shape {got_shape}, not {self.shape}; "
+                                "re-extract the store with extract.overwrite=true")
+        else:
+            ov_model, self.cached = convert(model, self.shape, name)
         threads = int(threads or torch.get_num_threads())
         config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
                   "INFERENCE_NUM_THREADS": threads}

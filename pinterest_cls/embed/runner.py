@@ -9,7 +9,7 @@ import torch
 
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.embed.device import amp_name, strict_fp32
-from pinterest_cls.embed.openvino_runtime import OpenVINORunner
+from pinterest_cls.embed.openvino_runtime import OpenVINOOptions, OpenVINORunner
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,16 @@ class Runner:
 
 def make_runner(backbone, device: torch.device, amp: torch.dtype | None, runtime: str = "torch",
                 channels_last: bool = True, compile_: bool = False, micro_batch: int | None = None,
-                request_rows: int | None = None):
+                openvino: OpenVINOOptions | None = None):
     """The runner of ``backbone``'s model: ``Runner`` (eager PyTorch, optionally compiled) or, for
-    ``runtime="openvino"``, ``embed.openvino_runtime.OpenVINORunner`` with ``request_rows`` pins per request."""
+    ``runtime="openvino"``, ``embed.openvino_runtime.OpenVINORunner`` with ``openvino``'s request rows (and, for
+    ``amp="int8"``, its quantized IR)."""
     if runtime == "openvino":
         size = int(backbone.info["input_size"])
-        if request_rows is None:
-            raise ValueError("the OpenVINO runtime needs request_rows (extract.openvino.request_rows)")
-        return OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name, request_rows)
+        if openvino is None:
+            raise ValueError("the OpenVINO runtime needs its options (extract.openvino.request_rows)")
+        return OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name, openvino.request_rows,
+                              ir=openvino.ir)
     return Runner(prepare_model(backbone.model, device, channels_last, compile_), device, amp, channels_last,
                   micro_batch)
 

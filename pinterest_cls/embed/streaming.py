@@ -23,12 +23,14 @@ from pinterest_cls.core.stopping import StopRequest, graceful_stop
 from pinterest_cls.data.gpu_decode import GpuDecoder
 from pinterest_cls.data.loader import PinDataset, default_workers, make_loader
 from pinterest_cls.data.manifest import MANIFEST, ok_rows, scan_uncategorised
-from pinterest_cls.data.metadata import read_meta
+from pinterest_cls.data.metadata import fingerprint_digest, read_meta
 from pinterest_cls.data.store import EmbeddingStore, NewStore, legacy_rows_sha256, rows_sha256, shard_range
-from pinterest_cls.embed.backbones import build_backbone
+from pinterest_cls.embed import quantization
+from pinterest_cls.embed.backbones import RESIZES, build_backbone
 from pinterest_cls.embed.calibration import calibrate, needs_calibration
-from pinterest_cls.embed.device import amp_name, resolve_amp, runtime_device
-from pinterest_cls.embed.openvino_runtime import check_runtime, openvino_version
+from pinterest_cls.embed.device import INT8, amp_name, resolve_amp, runtime_device
+from pinterest_cls.embed.openvino_runtime import OpenVINOOptions, check_runtime, openvino_version
+from pinterest_cls.embed.quantization import import_nncf
 from pinterest_cls.embed.runner import Runner, make_runner
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, ids: _Ids, s: RunSettings
     """Build ``bcfg``'s backbone and open (or create) its store."""
     amp, batch_size, dtype, decode, micro_batch = s.amp, s.batch_size, s.dtype, s.decode, s.micro_batch
     torch.manual_seed(int(cfg.extract.seed))  # random-init backbones (pretrained=false) are reproducible
-    backbone = build_backbone(bcfg)
+    backbone = build_backbone(bcfg, resize=s.resize)
     folder = config.embeddings_dir(cfg, backbone.name)
     index = ok.rename_axis("row").reset_index()[["row", "user", "board", "pin", "category", "path"]]
     ecfg = cfg.extract
@@ -77,12 +79,14 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, ids: _Ids, s: RunSettings
         # the runtime computes the features (a store is never resumed with another) and, for OpenVINO, the
         # request shape that their last bits depend on
         "runtime": s.runtime, "request_rows": s.request_rows,
+        **({"int8": s.int8} if s.int8 else {}),
     }
     meta = {
         "backbone": backbone.name, "timm_id": backbone.info.get("timm_id"),
         "weights": backbone.info.get("weights"), "weights_sha256": backbone.info.get("weights_sha256"),
         "preprocessing": {k: backbone.info.get(k) for k in
-                          ("input_size", "resize_size", "crop_pct", "interpolation", "mean", "std", "grayscale")
+                          ("input_size", "resize_size", "crop_pct", "interpolation", "mean", "std", "grayscale",
+                           "resize")
                           if k in backbone.info},
         "pool": backbone.info.get("pool"), "dtype": dtype,
         # what predict/search need to embed new images exactly like these rows
@@ -90,11 +94,13 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, ids: _Ids, s: RunSettings
         # the precision used (never "auto"): predict and search embed new images with it
         "extract": {"seed": int(ecfg.seed), "draft": bool(ecfg.draft), "amp": amp_name(amp),
                     "batch_size": batch_size, "max_pixels": int(cfg.scan.max_pixels), "decode": decode,
-                    "micro_batch": micro_batch, "runtime": s.runtime, "request_rows": s.request_rows},
+                    "micro_batch": micro_batch, "runtime": s.runtime, "request_rows": s.request_rows,
+                    "resize": s.resize, **({"int8": s.int8} if s.int8 else {})},
         "data_root": None if config.select(cfg, "data.root") in (None, "") else str(cfg.data.root),
         "manifest": str(config.data_dir(cfg) / MANIFEST),
         "manifest_sha256": ids.manifest,
-        "versions": {**provenance(), **({"openvino": openvino_version()} if s.runtime == "openvino" else {})},
+        "versions": {**provenance(), **({"openvino": openvino_version()} if s.runtime == "openvino" else {}),
+                     **({"nncf": s.int8["nncf"]} if s.int8 else {})},
     }
     legacy = {**fingerprint, "rows_sha256": ids.legacy_rows}  # format 1's fingerprint of this run
     new = NewStore(index, backbone.dim, dtype, meta, fingerprint, legacy=(legacy,))
@@ -129,6 +135,8 @@ class RunSettings:
     workers: int
     runtime: str  # torch | openvino
     request_rows: int | None  # OpenVINO's rows per infer request (None with torch)
+    resize: str  # extract.resize: tensor | pil (embed.backbones.RESIZES)
+    int8: dict | None  # extract.amp=int8: the calibration's settings (embed.quantization.settings)
     shard: tuple[int, int]
     lo: int
     hi: int
@@ -170,6 +178,9 @@ def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
     max_failed = float(config.select(cfg, "extract.max_failed_fraction"))
     if not 0.0 <= max_failed <= 1.0:
         raise UserError(f"extract.max_failed_fraction={max_failed} must be between 0 and 1")
+    resize = str(config.select(cfg, "extract.resize"))
+    if resize not in RESIZES:
+        raise UserError(f"extract.resize={resize!r} must be one of: {', '.join(RESIZES)}")
     dtype = str(cfg.store.dtype)
     if dtype not in ("float16", "float32"):
         raise UserError(f"store.dtype={dtype!r} must be float16 or float32")
@@ -181,8 +192,16 @@ def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
     shard = (int(ecfg.shard.index), int(ecfg.shard.count))
     lo, hi = shard_range(n_rows, batch_size, *shard)
     workers = default_workers() if ecfg.workers is None else int(ecfg.workers)
-    return RunSettings(device, resolve_amp(ecfg.amp, device), batch_size, micro_batch, decode, max_failed, dtype,
-                       workers, runtime, request_rows, shard, lo, hi)
+    amp = resolve_amp(ecfg.amp, device, runtime=runtime)
+    int8 = None
+    if amp == INT8:
+        import_nncf()
+        int8 = quantization.settings(int(config.select(cfg, "extract.int8.pins")),
+                                     int(config.select(cfg, "extract.int8.seed")),
+                                     config.select(cfg, "extract.int8.max_cosine_drop"))
+        quantization.calibration_rows(1, int8["pins"], int8["seed"])  # a bad extract.int8.pins fails here
+    return RunSettings(device, amp, batch_size, micro_batch, decode, max_failed, dtype,
+                       workers, runtime, request_rows, resize, int8, shard, lo, hi)
 
 
 def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True,
@@ -272,8 +291,14 @@ def _open_jobs(cfg: DictConfig, bcfgs: list[DictConfig], ok, s: RunSettings, cla
                      f"({record['done'] - s.lo} rows already committed).")
         # an earlier run that ran out of memory went on with smaller micro-batches: so does this one
         channels_last = bool(cfg.extract.channels_last)
+        ir = None
+        if s.int8:  # the store's one int8 model, quantized now on its own pins if it has none yet
+            ir = quantization.store_int8_model(folder, fingerprint_digest(store.meta.fingerprint), backbone,
+                                               ok["path"].tolist(), s.int8, s.request_rows,
+                                               bool(cfg.extract.draft), int(cfg.scan.max_pixels))
+        openvino = OpenVINOOptions(s.request_rows, ir) if s.runtime == "openvino" else None
         runner = make_runner(backbone, s.device, s.amp, s.runtime, channels_last, bool(cfg.extract.compile),
-                             record.get("micro_batch", s.micro_batch), s.request_rows)
+                             record.get("micro_batch", s.micro_batch), openvino)
         jobs.append(_Job(backbone, store, folder, record, runner))
     return metas, jobs, backbones
 

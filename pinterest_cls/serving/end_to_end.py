@@ -26,7 +26,8 @@ class EndToEnd:
     """
 
     def __init__(self, classifier, store_meta: StoreMeta, top_k: int = 3, batch_size: int = 32,
-                 workers: int | None = 0, device: str = "auto", max_pixels: int | None = None):
+                 workers: int | None = 0, device: str = "auto", max_pixels: int | None = None,
+                 int8_dir: Path | None = None):
         self.classifier = classifier
         self.meta = store_meta
         self.top_k = top_k
@@ -34,8 +35,10 @@ class EndToEnd:
         self.workers = workers
         self.device = device
         self.backbone = backbone_from_meta(store_meta)
-        # built once, its runtime compiled once; ``max_pixels``: a lower pixel limit than the store's (a server's)
-        self.embedder = Embedder.for_store(self.backbone, store_meta, device, max_pixels=max_pixels)
+        # built once, its runtime compiled once; ``max_pixels``: a lower pixel limit than the store's (a server's);
+        # ``int8_dir``: the store's int8 model, for embeddings of extract.amp=int8 (``model_io.load_run``)
+        self.embedder = Embedder.for_store(self.backbone, store_meta, device, max_pixels=max_pixels,
+                                           int8_dir=int8_dir)
 
     @property
     def columns(self) -> list[str]:
@@ -130,5 +133,5 @@ def collect_inputs(spec: str, image_name: str = "pin_closeup_image.jpg") -> list
 def load_pipeline(run_id: str, tracking_uri: str = "sqlite:///work/mlflow.db", **settings) -> EndToEnd:
     """The end-to-end model of the train run ``run_id`` in the MLflow store ``tracking_uri`` (``settings``: those
     of ``EndToEnd``: ``top_k``, ``batch_size``, ``workers``, ``device``)."""
-    classifier, meta = load_run(tracking_uri, run_id)
-    return EndToEnd(classifier, meta, **settings)
+    classifier, meta, int8_dir = load_run(tracking_uri, run_id)
+    return EndToEnd(classifier, meta, int8_dir=int8_dir, **settings)

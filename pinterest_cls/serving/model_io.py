@@ -4,13 +4,15 @@ load), and a run's classifier and store metadata loaded back for ``predict``."""
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from pinterest_cls.core.errors import UserError
-from pinterest_cls.data.metadata import StoreMeta
+from pinterest_cls.data.metadata import StoreMeta, fingerprint_digest
+from pinterest_cls.embed.quantization import INT8_DIR, int8_model
 from pinterest_cls.learn.board_rules import BOARDS_FILE
 from pinterest_cls.track.tracking import use_store
 
@@ -18,11 +20,13 @@ from pinterest_cls.track.tracking import use_store
 PIPELINE = "pipeline"
 #: The store's meta.json, logged with each train run: what rebuilds the backbone that made its features.
 EMBEDDINGS_META = "embeddings_meta.json"
+#: The store's int8 model (``embed.quantization``), logged with a train run on a store of extract.amp=int8.
+EMBEDDINGS_INT8 = "embeddings_int8"
 
 
-def load_run(tracking_uri: str, run_id: str) -> tuple[object, StoreMeta]:
-    """(the fitted scikit-learn pipeline, the meta of the store it was trained on) of a train run in the MLflow
-    store ``tracking_uri``, with one-line errors."""
+def load_run(tracking_uri: str, run_id: str) -> tuple[object, StoreMeta, Path | None]:
+    """(the fitted scikit-learn pipeline, the meta of the store it was trained on, the folder of that store's int8
+    model or None) of a train run in the MLflow store ``tracking_uri``, with one-line errors."""
     from mlflow.exceptions import MlflowException
 
     mlflow = use_store(tracking_uri)
@@ -44,7 +48,15 @@ def load_run(tracking_uri: str, run_id: str) -> tuple[object, StoreMeta]:
         meta = json.loads(Path(client.download_artifacts(run_id, EMBEDDINGS_META, tempfile.mkdtemp())).read_text())
     except Exception:
         raise UserError(f"run {run_id} has no {EMBEDDINGS_META}; re-run its train job") from None
-    return model, StoreMeta.from_dict(meta, f"{EMBEDDINGS_META} of run {run_id}")
+    meta = StoreMeta.from_dict(meta, f"{EMBEDDINGS_META} of run {run_id}")
+    int8_dir = None
+    if meta.extract.amp == "int8":
+        try:
+            int8_dir = Path(client.download_artifacts(run_id, EMBEDDINGS_INT8, tempfile.mkdtemp()))
+        except Exception:
+            raise UserError(f"run {run_id} was trained on int8 embeddings but has no {EMBEDDINGS_INT8} (the int8 "
+                            "model); re-run its train job") from None
+    return model, meta, int8_dir
 
 
 def load_boards(tracking_uri: str, run_id: str) -> dict | None:
@@ -94,3 +106,13 @@ def log_model(model) -> None:
     mlflow.sklearn.log_model(model, name="model", pip_requirements=reqs,
                              serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
                              skops_trusted_types=TRUSTED_TYPES)
+
+
+def copy_int8_model(store, dest: Path) -> list[Path]:
+    """The store's int8 model (``embed.quantization``), checked, copied into ``dest`` for a train run to log:
+    the files copied, none when the store's embeddings are not int8."""
+    if store.meta.extract.amp != "int8":
+        return []
+    xml = int8_model(store.folder / INT8_DIR, fingerprint_digest(store.meta.fingerprint), str(store.folder))
+    dest.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy2(f, dest / f.name)) for f in sorted(xml.parent.iterdir()) if f.is_file()]

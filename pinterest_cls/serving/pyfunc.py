@@ -17,7 +17,7 @@ from pinterest_cls.data.metadata import StoreMeta
 from pinterest_cls.serving.end_to_end import EndToEnd
 from pinterest_cls.serving.http_guard import RequestRefused, install_request_guard
 from pinterest_cls.serving.limits import ServeLimits
-from pinterest_cls.serving.model_io import PIPELINE, load_classifier, skops_bytes
+from pinterest_cls.serving.model_io import EMBEDDINGS_INT8, PIPELINE, load_classifier, skops_bytes
 
 #: The file (models from code) that MLflow runs to build the served model.
 PYFUNC_CODE = Path(__file__).with_name("served_model.py")
@@ -34,7 +34,9 @@ class PinterestPyfuncModel(mlflow.pyfunc.PythonModel):
         meta = StoreMeta.from_dict(json.loads(Path(context.artifacts["embeddings_meta"]).read_text()),
                                    "embeddings_meta.json")
         self.limits = ServeLimits.from_environment(meta.extract.max_pixels)
-        self.model = EndToEnd(classifier, meta, max_pixels=self.limits.max_pixels)
+        int8_dir = context.artifacts.get("embeddings_int8")  # a store of extract.amp=int8: its int8 model
+        self.model = EndToEnd(classifier, meta, max_pixels=self.limits.max_pixels,
+                              int8_dir=Path(int8_dir) if int8_dir else None)
         install_request_guard(self.limits)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -108,7 +110,8 @@ def log_pipeline(classifier, store_meta_path: Path, workdir: Path, example_image
     from mlflow.types import ColSpec, Schema
 
     # the served model embeds with the runtime that made the training embeddings
-    runtime = StoreMeta.from_dict(json.loads(Path(store_meta_path).read_text())).extract.runtime
+    extract = StoreMeta.from_dict(json.loads(Path(store_meta_path).read_text())).extract
+    runtime = extract.runtime
     clf_path = workdir / "classifier.skops"
     clf_path.write_bytes(skops_bytes(classifier))
     # the input the model takes, stated, so that MLflow checks requests against it (and infers nothing):
@@ -117,6 +120,9 @@ def log_pipeline(classifier, store_meta_path: Path, workdir: Path, example_image
                                               ColSpec("string", "image", required=False)]))
     example = pd.DataFrame({"image": [base64.b64encode(Path(example_image).read_bytes()).decode("ascii")]})
     mlflow.pyfunc.log_model(name=PIPELINE, python_model=str(PYFUNC_CODE), signature=signature, input_example=example,
-                            artifacts={"classifier": str(clf_path), "embeddings_meta": str(store_meta_path)},
+                            artifacts={"classifier": str(clf_path), "embeddings_meta": str(store_meta_path),
+                                       # the store's int8 model (train copied it beside the meta)
+                                       **({"embeddings_int8": str(Path(store_meta_path).parent / EMBEDDINGS_INT8)}
+                                          if extract.amp == "int8" else {})},
                             pip_requirements=["mlflow", "torch", "timm", "scikit-learn", "skops", "faiss-cpu",
                                               "pillow", *(["openvino"] if runtime == "openvino" else [])])
