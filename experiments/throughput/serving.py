@@ -1,10 +1,12 @@
-"""CPU serving throughput, torch vs OpenVINO: `predict` and `mlflow models serve` with a trained classifier.
+"""CPU serving throughput, torch vs OpenVINO (and OpenVINO int8): `predict` and `mlflow models serve` with a
+trained classifier.
 
     python experiments/throughput/serving.py [--n 256] [--request 16] [--dir /tmp/serving_bench]
 
 On N generated 736x1100 JPEGs (the same pins as bench.py), for each runtime (extract.runtime=torch|openvino,
-efficientnet_lite0 with its real weights, extract.amp=auto): embed them, train a logistic regression (fixed
-C, no search: only the speed matters here), then
+efficientnet_lite0 with its real weights, extract.amp=auto; and OpenVINO with extract.amp=int8, its model
+quantized on the store's own pins, which the served model then embeds with): embed them, train a logistic
+regression (fixed C, no search: only the speed matters here), then
   - predict: the `predict` verb over the N pins (from the MLflow run: the classifier, the backbone rebuilt, the
     OpenVINO model from its cache), whole call and images/s after the model is built;
   - serve: `mlflow models serve --env-manager local` on the run's pyfunc model; one client sends the N pins as
@@ -104,29 +106,31 @@ def main() -> None:
           f"requests of {args.request}", flush=True)
     paths = sorted(str(p) for p in export.rglob("pin_closeup_image.jpg"))
     rows = []
-    for runtime in ("torch", "openvino"):
-        common = [f"paths.work={work}", f"data.root={export}", f"data.name=serve_{runtime}"]
-        extract(make_cfg("extract", [*common, f"extract.runtime={runtime}", "mlflow.enabled=false",
-                                     "extract.overwrite=true"]), progress=False)
+    for runtime, amp in (("torch", "auto"), ("openvino", "auto"), ("openvino", "int8")):
+        name = runtime if amp == "auto" else f"{runtime} {amp}"
+        common = [f"paths.work={work}", f"data.root={export}", f"data.name=serve_{runtime}_{amp}"]
+        extract(make_cfg("extract", [*common, f"extract.runtime={runtime}", f"extract.amp={amp}",
+                                     "mlflow.enabled=false", "extract.overwrite=true"]), progress=False)
         result = train(make_cfg("train", [*common, "classifier=logreg", "classifier.grid.C=[1]",
                                           "split=stratified", "train.n_jobs=1"]))
         cfg = make_cfg("predict", [*common, f"run_id={result['run_id']}", f"inputs={export}",
-                                   f"predict.out={base / f'{runtime}.csv'}"])
+                                   f"predict.out={base / f'{runtime}_{amp}.csv'}"])
         t0 = time.perf_counter()
         frame = predict(cfg)
         predict_s = time.perf_counter() - t0
         tracking = f"sqlite:///{work}/mlflow.db"
         serve, served = serve_rate(f"runs:/{result['run_id']}/pipeline", tracking, paths, args.request,
-                                   base / f"server_{runtime}.log")
+                                   base / f"server_{runtime}_{amp}.log")
         assert len(served) == len(frame) == args.n
-        rows.append(dict(runtime=runtime, predict_s=predict_s, predict_images_per_s=len(frame) / predict_s,
+        rows.append(dict(runtime=name, predict_s=predict_s, predict_images_per_s=len(frame) / predict_s,
                          serve_images_per_s=serve))
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     table = pd.DataFrame(rows).set_index("runtime")
-    ratio = table.loc["openvino"] / table.loc["torch"]
     print()
     print(table.round(2).to_string())
-    print(f"openvino / torch: predict {ratio['predict_images_per_s']:.2f}x, serve {ratio['serve_images_per_s']:.2f}x")
+    for a, b in (("openvino", "torch"), ("openvino int8", "openvino")):
+        ratio = table.loc[a] / table.loc[b]
+        print(f"{a} / {b}: predict {ratio['predict_images_per_s']:.2f}x, serve {ratio['serve_images_per_s']:.2f}x")
 
 
 if __name__ == "__main__":
