@@ -257,6 +257,8 @@ def test_an_int8_store_is_quantized_once_on_its_own_pins_and_embedded_with_by_pr
                                         r"extract.runtime=openvino"):
         extract(make_cfg("extract", [*TINY, f"paths.work={work}", "mlflow.enabled=false", "extract.amp=int8"]),
                 progress=False)
+    with pytest.raises(UserError, match=r"extract.uncategorised=true cannot be combined with extract.amp=int8"):
+        extract(make_cfg("extract", [*int8, "extract.uncategorised=true"]), progress=False)
     meta = extract(make_cfg("extract", int8), progress=False)  # the demo, with the tiny model
     folder = work / "demo" / "embeddings" / "test_efficientnet"
     assert meta["extract"]["amp"] == meta["fingerprint"]["amp"] == "int8"

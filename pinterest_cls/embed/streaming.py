@@ -30,7 +30,6 @@ from pinterest_cls.embed.backbones import RESIZES, build_backbone
 from pinterest_cls.embed.calibration import calibrate, needs_calibration
 from pinterest_cls.embed.device import INT8, amp_name, resolve_amp, runtime_device
 from pinterest_cls.embed.openvino_runtime import OpenVINOOptions, check_runtime, openvino_version
-from pinterest_cls.embed.quantization import import_nncf
 from pinterest_cls.embed.runner import Runner, make_runner
 
 log = logging.getLogger(__name__)
@@ -194,8 +193,12 @@ def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
     workers = default_workers() if ecfg.workers is None else int(ecfg.workers)
     amp = resolve_amp(ecfg.amp, device, runtime=runtime)
     int8 = None
+    if amp == INT8 and bool(OmegaConf.select(cfg, "extract.uncategorised", default=False)):
+        # their store would get an int8 model calibrated on other pins than the export's: other features
+        raise UserError("extract.uncategorised=true cannot be combined with extract.amp=int8 yet (each store "
+                        "calibrates its own int8 model); embed the uncategorised boards with another extract.amp")
     if amp == INT8:
-        import_nncf()
+        quantization.import_nncf()
         int8 = quantization.settings(int(config.select(cfg, "extract.int8.pins")),
                                      int(config.select(cfg, "extract.int8.seed")),
                                      config.select(cfg, "extract.int8.max_cosine_drop"))
