@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,3 +272,63 @@ def test_a_store_made_before_extract_resize_reads_as_pil_and_is_resumed_only_wit
     assert again.tobytes() == np.asarray(emb[[0, 20]], np.float32).tobytes()
     with pytest.raises(UserError, match=r"resizes with 'tensor', its store's pins with extract.resize='pil'"):
         Embedder.for_store(build_backbone(TINY[0].split("=")[1]), read_meta(folder))
+
+
+def test_opencv_decodes_plain_jpegs_to_pillows_pixels_at_every_draft_scale(tmp_path):
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from pinterest_cls.data.loader import PinDataset
+
+    paths = []
+    for k, photo in enumerate(load_sample_images().images):  # real photographs, 640 x 427
+        for size in [(640, 427), (1100, 736), (1920, 1281)]:
+            for quality, subsampling in [(90, 2), (95, 1), (75, 0)]:  # 4:2:0, 4:2:2, 4:4:4
+                path = tmp_path / f"p{k}_{size[0]}_{subsampling}.jpg"
+                Image.fromarray(photo).resize(size, Image.BICUBIC).save(path, quality=quality,
+                                                                        subsampling=subsampling)
+                paths.append(str(path))
+    others = {"png": "PNG", "progressive": "JPEG", "gray": "JPEG", "rotated": "JPEG"}
+    for name, fmt in others.items():  # files the OpenCV path leaves to Pillow
+        image = Image.fromarray(load_sample_images().images[0]).convert("L" if name == "gray" else "RGB")
+        exif = Image.Exif()
+        exif[0x0112] = 6 if name == "rotated" else 1
+        image.save(tmp_path / f"{name}.img", fmt, progressive=name == "progressive", exif=exif)
+        paths.append(str(tmp_path / f"{name}.img"))
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(Path(paths[0]).read_bytes()[:-5000])
+    paths.append(str(truncated))
+    as_array = lambda image: np.asarray(image)  # noqa: E731  the decoded pixels, untouched
+    sizes = [None, 256, 224, 160, 64]  # DCT scales 1, 2, 4 and 8 on these sizes
+    pillow = PinDataset(paths, range(len(paths)), [as_array] * len(sizes), sizes)
+    opencv = PinDataset(paths, range(len(paths)), [as_array] * len(sizes), sizes, opencv=True)
+    scales = set()
+    for row in range(len(paths)):
+        a, b = pillow.decode_row(row), opencv.decode_row(row)
+        assert a[2] == b[2]  # the same failure, or none
+        if a[1] is None:
+            continue
+        for x, y in zip(a[1], b[1]):
+            assert x.shape == y.shape and np.array_equal(x, y), (paths[row], x.shape)
+        used = opencv._opencv_images(row) is not None
+        assert used == (row < len(paths) - len(others) - 1), paths[row]  # plain JPEGs only
+        if used:
+            scales |= {round(1100 / x.shape[1]) for x in a[1] if "1100" in paths[row]}
+    assert scales == {1, 2, 4, 8}
+    assert pillow.decode_row(len(paths) - 1)[1] is None  # the truncated JPEG fails in both
+
+
+def test_extract_decode_opencv_writes_the_store_of_decode_cpu(tmp_path):
+    common = [f"paths.work={tmp_path}", *TINY, "extract.workers=0", "mlflow.enabled=false",
+              "extract.calibrate.pins=0"]
+    cpu = extract(make_cfg("extract", common), progress=False)  # the demo: every kind of broken pin
+    opencv = extract(make_cfg("extract", [*common, "extract.decode=opencv",
+                                          "paths.embeddings=${paths.work}/${data.name}/opencv"]), progress=False)
+    assert cpu["fingerprint"]["decode"] == "cpu" and opencv["fingerprint"]["decode"] == "opencv"
+    a, index_a, _ = read_store(tmp_path / "demo" / "embeddings" / "test_efficientnet")
+    b, index_b, _ = read_store(tmp_path / "demo" / "opencv" / "test_efficientnet")
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    assert list(index_a["reason"]) == list(index_b["reason"])
+    with pytest.raises(UserError, match=r"extract.decode='pillow' must be cpu .*, opencv .* or gpu"):
+        extract(make_cfg("extract", [*common, "extract.decode=pillow"]), progress=False)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from pinterest_cls.data.images import _draft_scale, load_rgb, load_rgb_variants
+from pinterest_cls.data.images import draft_scale, load_rgb, load_rgb_variants
 from pinterest_cls.extract import extract
 from pinterest_cls.status import status
 
@@ -35,7 +35,7 @@ def _stores(work, names):
 def test_one_decode_feeds_many_backbones_exactly_as_separate_runs(tmp_path, big_export):
     pin = next(big_export.rglob("*.jpg"))
     small, large = load_rgb_variants(pin, [32, 67])
-    assert (_draft_scale((600, 450), 32), _draft_scale((600, 450), 67)) == (8, 4)
+    assert (draft_scale((600, 450), 32), draft_scale((600, 450), 67)) == (8, 4)
     assert small.size == (75, 57) and large.size == (150, 113)  # two reductions, two decodes
     assert small.tobytes() == load_rgb(pin, min_size=32).tobytes()
     assert large.tobytes() == load_rgb(pin, min_size=67).tobytes()

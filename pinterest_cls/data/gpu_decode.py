@@ -1,4 +1,5 @@
-"""GPU decoding for ``extract.decode=gpu``: workers only read bytes, the GPU decodes and resizes.
+"""GPU decoding for ``extract.decode=gpu``: workers only read bytes, the GPU decodes and resizes; and which files are
+plain JPEGs (``plain_jpeg``), the ones nvJPEG and OpenCV (``extract.decode=opencv``) decode.
 
 At thousands of images/s a GPU outruns CPU workers that decode JPEGs (about 3.6 ms of one core per 736x1100
 pin, decode in draft mode plus resize). Here a DataLoader worker reads the file and looks at its header only;
@@ -18,6 +19,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pinterest_cls.core.errors import UserError
@@ -75,10 +77,11 @@ def resize_of(backbone) -> Resize:
                   squash)
 
 
-def gpu_decodable(path: str, max_pixels: int) -> bytes | None:
-    """The file's bytes when nvJPEG decodes it as the CPU path does, up to its chroma upsampling (a baseline
-    3-channel JPEG, no EXIF rotation, complete), else None. Reads the header only; raises ImageDecodeError for a file
-    that cannot be opened or is over ``max_pixels`` (its row fails, as on the CPU path)."""
+def plain_jpeg(path: str, max_pixels: int) -> tuple[bytes, tuple[int, int]] | None:
+    """(the file's bytes, its (width, height)) when it is a plain JPEG: baseline, 3-channel, no EXIF rotation,
+    complete; else None. Such a file decodes the same in nvJPEG (up to its chroma upsampling) and, bit for bit, in
+    OpenCV's libjpeg-turbo (``decode_opencv``) as in Pillow's. Reads the header only; raises ImageDecodeError for a
+    file that cannot be opened or is over ``max_pixels`` (its row fails, as on the CPU path)."""
     try:
         with _pillow_limits(False), _open_checked(path, max_pixels) as im:
             if im.format != "JPEG" or im.mode != "RGB" or im.info.get("progressive") or im.info.get("progression"):
@@ -88,13 +91,32 @@ def gpu_decodable(path: str, max_pixels: int) -> bytes | None:
                     return None
             except Exception:
                 return None
+            size = im.size
         with open(path, "rb") as f:
             data = f.read()
     except ImageDecodeError:
         raise
     except Exception as exc:
         raise _decode_error(exc, None) from None
-    return data if data.rstrip(b"\0")[-2:] == b"\xff\xd9" else None  # no end-of-image marker: truncated
+    return (data, size) if data.rstrip(b"\0")[-2:] == b"\xff\xd9" else None  # no end-of-image marker: truncated
+
+
+def gpu_decodable(path: str, max_pixels: int) -> bytes | None:
+    """The file's bytes when nvJPEG decodes it as the CPU path does, up to its chroma upsampling (a plain JPEG:
+    ``plain_jpeg``), else None; raises ImageDecodeError as ``plain_jpeg`` does."""
+    plain = plain_jpeg(path, max_pixels)
+    return None if plain is None else plain[0]
+
+
+def decode_opencv(data: bytes, scale: int):
+    """A plain JPEG's bytes (``plain_jpeg``) decoded by OpenCV at the DCT ``scale`` (1, 2, 4 or 8, as Pillow's
+    draft mode picks it) to an RGB (H, W, 3) uint8 array, or None when OpenCV refuses it."""
+    import cv2
+
+    flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}[scale]
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def jpeg_decoder():

@@ -198,7 +198,7 @@ def load_rgb(
         raise _decode_error(exc, fmt) from None
 
 
-def _draft_scale(size: tuple[int, int], min_size: int | None) -> int:
+def draft_scale(size: tuple[int, int], min_size: int | None) -> int:
     """The DCT reduction (1, 2, 4 or 8) Pillow's ``JpegImageFile.draft(None, (m, m))`` picks for a JPEG of
     ``size``: the largest one that keeps both sides >= ``min_size``."""
     if not min_size:
@@ -224,7 +224,7 @@ def load_rgb_variants(
             jpeg, size = im.format == "JPEG" and len(im.tile) == 1, im.size
     except Exception as exc:
         raise _decode_error(exc, None) from None
-    keys = [_draft_scale(size, m) if jpeg else 1 for m in min_sizes]
+    keys = [draft_scale(size, m) if jpeg else 1 for m in min_sizes]
     decoded: dict[int, Image.Image] = {}
     for key, m in zip(keys, min_sizes):
         if key not in decoded:

@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from torch import nn
 
 from pinterest_cls.core import config
@@ -87,7 +89,8 @@ RESIZES = ("tensor", "pil")
 
 
 class TensorResize:
-    """PIL RGB image -> uint8 tensor (3, size, size) by torchvision's antialiased resize of the uint8 tensor: the
+    """RGB image (PIL, or an (H, W, 3) uint8 array: ``extract.decode=opencv``) -> uint8 tensor (3, size, size) by
+    torchvision's antialiased resize of the uint8 tensor: the
     shorter side to ``resize`` and a centre crop of ``size``, or both sides to ``size`` (``squash``). The same
     geometry as the ``pil`` transform (torchvision's ``Resize(int)`` and ``CenterCrop`` rules)."""
 
@@ -95,11 +98,11 @@ class TensorResize:
         self.size, self.resize, self.interpolation, self.squash = size, resize, interpolation, squash
 
     def __call__(self, image) -> torch.Tensor:
-        import numpy as np
         from torchvision.transforms.v2 import functional as F
 
         # HWC memory seen as CHW (channels last): the layout torchvision's uint8 kernels run fastest on
-        x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+        array = image if isinstance(image, np.ndarray) else np.array(image, dtype=np.uint8, copy=True)
+        x = torch.from_numpy(array).permute(2, 0, 1)
         if self.squash:
             return F.resize(x, [self.size, self.size], self.interpolation, antialias=True).contiguous()
         x = F.resize(x, [self.resize], self.interpolation, antialias=True)
@@ -108,6 +111,16 @@ class TensorResize:
     def __repr__(self) -> str:
         return (f"TensorResize(size={self.size}, resize={self.resize}, interpolation={self.interpolation.value}, "
                 f"squash={self.squash})")
+
+
+class AsPIL:
+    """An (H, W, 3) uint8 array (``extract.decode=opencv``) as a PIL image; a PIL image as it is."""
+
+    def __call__(self, image):
+        return Image.fromarray(image) if isinstance(image, np.ndarray) else image
+
+    def __repr__(self) -> str:
+        return "AsPIL()"
 
 
 def make_transform(input_size: int, crop_pct: float, interpolation: str, crop_mode: str = "center",
@@ -131,7 +144,7 @@ def make_transform(input_size: int, crop_pct: float, interpolation: str, crop_mo
         raise UserError(f"interpolation {interpolation!r} has no tensor resize; use extract.resize=pil")
     steps = ([T.Resize((input_size, input_size), interpolation=interp)] if squash
              else [T.Resize(resize, interpolation=interp), T.CenterCrop(input_size)])
-    return T.Compose([*steps, T.PILToTensor()]), resize
+    return T.Compose([AsPIL(), *steps, T.PILToTensor()]), resize
 
 
 def with_defaults(bcfg) -> DictConfig:

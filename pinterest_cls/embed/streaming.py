@@ -145,6 +145,35 @@ class RunSettings:
         return f"shard {self.shard[0]}/{self.shard[1]} rows [{self.lo}, {self.hi})"
 
 
+def _decode_setting(cfg: DictConfig) -> str:
+    """``extract.decode``, checked (OpenCV installed for ``opencv``)."""
+    decode = str(config.select(cfg, "extract.decode"))
+    if decode not in ("cpu", "gpu", "opencv"):
+        raise UserError(f"extract.decode={decode!r} must be cpu (workers decode with Pillow), opencv (workers decode "
+                        "plain JPEGs with OpenCV) or gpu (nvJPEG on the device)")
+    if decode == "opencv":
+        try:
+            import cv2  # noqa: F401
+        except ImportError:
+            raise UserError('extract.decode=opencv needs OpenCV, which is not installed: pip install -e ".[opencv]" '
+                            "(or pip install opencv-python-headless)") from None
+    return decode
+
+
+def _int8_setting(cfg: DictConfig) -> dict:
+    """``extract.int8.*`` for ``extract.amp=int8``, checked (NNCF installed): ``quantization.settings``."""
+    if bool(OmegaConf.select(cfg, "extract.uncategorised", default=False)):
+        # their store would get an int8 model calibrated on other pins than the export's: other features
+        raise UserError("extract.uncategorised=true cannot be combined with extract.amp=int8 yet (each store "
+                        "calibrates its own int8 model); embed the uncategorised boards with another extract.amp")
+    quantization.import_nncf()
+    int8 = quantization.settings(int(config.select(cfg, "extract.int8.pins")),
+                                 int(config.select(cfg, "extract.int8.seed")),
+                                 config.select(cfg, "extract.int8.max_cosine_drop"))
+    quantization.calibration_rows(1, int8["pins"], int8["seed"])  # a bad extract.int8.pins fails here
+    return int8
+
+
 def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
     """``extract.*`` checked, each bad value a one-line error naming its key; sets ``extract.threads``."""
     ecfg = cfg.extract
@@ -157,9 +186,7 @@ def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
     micro_batch = None if micro_batch is None or int(micro_batch) >= batch_size else int(micro_batch)
     if micro_batch is not None and micro_batch < 1:
         raise UserError(f"extract.micro_batch={micro_batch} must be >= 1 (or null for the whole batch)")
-    decode = str(config.select(cfg, "extract.decode"))
-    if decode not in ("cpu", "gpu"):
-        raise UserError(f"extract.decode={decode!r} must be cpu (workers decode) or gpu (nvJPEG on the device)")
+    decode = _decode_setting(cfg)
     request_rows = None
     if runtime == "openvino":
         request_rows = int(config.select(cfg, "extract.openvino.request_rows"))
@@ -192,17 +219,7 @@ def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
     lo, hi = shard_range(n_rows, batch_size, *shard)
     workers = default_workers() if ecfg.workers is None else int(ecfg.workers)
     amp = resolve_amp(ecfg.amp, device, runtime=runtime)
-    int8 = None
-    if amp == INT8 and bool(OmegaConf.select(cfg, "extract.uncategorised", default=False)):
-        # their store would get an int8 model calibrated on other pins than the export's: other features
-        raise UserError("extract.uncategorised=true cannot be combined with extract.amp=int8 yet (each store "
-                        "calibrates its own int8 model); embed the uncategorised boards with another extract.amp")
-    if amp == INT8:
-        quantization.import_nncf()
-        int8 = quantization.settings(int(config.select(cfg, "extract.int8.pins")),
-                                     int(config.select(cfg, "extract.int8.seed")),
-                                     config.select(cfg, "extract.int8.max_cosine_drop"))
-        quantization.calibration_rows(1, int8["pins"], int8["seed"])  # a bad extract.int8.pins fails here
+    int8 = _int8_setting(cfg) if amp == INT8 else None
     return RunSettings(device, amp, batch_size, micro_batch, decode, max_failed, dtype,
                        workers, runtime, request_rows, resize, int8, shard, lo, hi)
 
@@ -320,7 +337,7 @@ def _stream(cfg: DictConfig, ok, jobs: list[_Job], s: RunSettings, progress: boo
     first = min(job.start for job in jobs)
     dataset = PinDataset(ok["path"].tolist(), range(first, s.hi), [j.backbone.transform for j in jobs],
                          [j.backbone.resize_size for j in jobs], draft=bool(cfg.extract.draft),
-                         max_pixels=int(cfg.scan.max_pixels), encoded=s.decode == "gpu")
+                         max_pixels=int(cfg.scan.max_pixels), encoded=s.decode == "gpu", opencv=s.decode == "opencv")
     gpu = GpuDecoder(dataset, [j.backbone for j in jobs], s.device) if s.decode == "gpu" else None
     loader = make_loader(dataset, s.batch_size, s.workers, pin_memory=s.device.type == "cuda")
     commit_every = max(1, int(cfg.extract.commit_every))
