@@ -1,22 +1,22 @@
-"""CPU extraction against its core-time bound: the data path (``extract.resize``), the model alone per runtime and
-precision (torch; OpenVINO in fp32, bf16 where the CPU has it natively, and NNCF's int8), each pipeline's
-``extract`` rate and its share of the bound, and what int8 does to the features.
+"""CPU extraction against its core-time bound: the data path (``extract.decode``, ``extract.resize``), the model
+alone per runtime and precision (torch; OpenVINO in fp32, bf16 where the CPU has it natively, and NNCF's int8),
+each pipeline's ``extract`` rate and its share of the bound, and what int8 does to the features.
 
     python experiments/throughput/cpu_bound.py [--n 1000] [--fashion 2000] [--dir /tmp/cpu_bound_bench]
 
-(1) Data path, on one core, per generated 736 x 1100 JPEG pin (``data.demo.synthetic_export``): read, draft
-decode, the backbone's transform (``extract.resize=tensor`` and ``pil``) and the batch's collation; the median of
-3 passes. (2) The model alone on preloaded uint8 batches of 64, every core: images/s, and its core-ms per pin
-(cores x 1000 / rate). (3) The bound: the model and the DataLoader workers share the cores, so a pipeline cannot
-exceed cores x 1000 / (model core-ms + data core-ms) pins/s. (4) ``extract`` on the same files (the default
-workers, batch 64, after the first batch), its rate over the model alone and over the bound. (5) int8: OpenVINO's
-model quantized by NNCF on 300 seeded pins of the Fashion set below (as ``extract.amp=int8`` calibrates on a
-store's own pins), with ``extract.int8.max_cosine_drop=0.005`` (NNCF's accuracy control) and without it; the
-row cosine of each precision's features to OpenVINO fp32 on --fashion Fashion-MNIST photos made 736 x 1100 pins;
-the test accuracy of a logistic regression (C=10) and an RBF SVM (C=10), both on L2-normalised features with
-fixed hyper-parameters (none chosen on the test set), on a board-wise split (boards of 20 photos of one class,
-20 % of the boards tested, seed 0), with 95 % bootstrap intervals over the test boards (1,000 resamples, seed 0).
-efficientnet_lite0 with its real weights throughout. Writes ``results/cpu_bound.json``.
+(1) Data path, on one core, per generated 736 x 1100 JPEG pin (``data.demo.synthetic_export``): read and draft
+decode (Pillow, or OpenCV for ``extract.decode=opencv``), the backbone's transform (``extract.resize=tensor`` and
+``pil``) and the batch's collation; the median of 3 passes. (2) The model alone on preloaded uint8 batches of 64,
+every core: images/s, and its core-ms per pin (cores x 1000 / rate). (3) The bound: the model and the DataLoader
+workers share the cores, so a pipeline cannot exceed cores x 1000 / (model core-ms + data core-ms) pins/s. (4)
+``extract`` on the same files (the default workers, batch 64, after the first batch), its rate over the model alone
+and over the bound. (5) int8: OpenVINO's model quantized by NNCF on 300 seeded pins of the Fashion set below (as
+``extract.amp=int8`` calibrates on a store's own pins), with ``extract.int8.max_cosine_drop=0.005`` (NNCF's accuracy
+control) and without it; the row cosine of each precision's features to OpenVINO fp32 on --fashion Fashion-MNIST
+photos made 736 x 1100 pins; the test accuracy of a logistic regression (C=10) and an RBF SVM (C=10), both on
+L2-normalised features with fixed hyper-parameters (none chosen on the test set), on a board-wise split (boards of
+20 photos of one class, 20 % of the boards tested, seed 0), with 95 % bootstrap intervals over the test boards
+(1,000 resamples, seed 0). efficientnet_lite0 with its real weights throughout. Writes ``results/cpu_bound.json``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from hydra import compose, initialize_config_dir
 
 from pinterest_cls.core.config import CONF_DIR
 from pinterest_cls.data.demo import synthetic_export
-from pinterest_cls.data.images import load_rgb
+from pinterest_cls.data.gpu_decode import decode_opencv, plain_jpeg
+from pinterest_cls.data.images import draft_scale, load_rgb
 from pinterest_cls.data.loader import collate_pins
 from pinterest_cls.embed.backbones import build_backbone
 from pinterest_cls.embed.device import cpu_has_native_bf16
@@ -59,32 +60,42 @@ def make_cfg(overrides):
 
 
 def data_ms(backbones: dict, paths: list[str], passes: int = 3) -> dict:
-    """Core-ms per pin on one core for each of ``backbones`` ({extract.resize: backbone}): read + draft decode
-    (shared: the same decode), its transform, collation; each the median of ``passes``, the transforms timed
-    alternately on the same decoded images."""
+    """Core-ms per pin on one core for each data path, ``{extract.decode}/{extract.resize}``: read + decode (Pillow's
+    draft decode, or OpenCV's at the same scale for plain JPEGs: ``extract.decode=opencv``), the backbone's
+    transform (``backbones``: {extract.resize: backbone}), collation; each the median of ``passes``, the paths
+    timed in turn on the same files."""
     torch.set_num_threads(1)
-    first = next(iter(backbones.values()))
-    decode, transform, collate = [], {r: [] for r in backbones}, {r: [] for r in backbones}
+    size = next(iter(backbones.values())).resize_size
+    decoders = {"cpu": lambda p: load_rgb(p, min_size=size),
+                "opencv": lambda p: decode_opencv(*_plain(p, size))}
+    combos = [("cpu", "pil"), ("cpu", "tensor"), ("opencv", "tensor")]
+    times: dict = {c: {"decode_ms": [], "transform_ms": [], "collate_ms": []} for c in combos}
     for _ in range(passes):
-        t0 = time.perf_counter()
-        images = [load_rgb(p, min_size=first.resize_size) for p in paths]
-        decode.append((time.perf_counter() - t0) / len(paths) * 1e3)
-        for r, b in backbones.items():
+        for decode, resize in combos:
+            t0 = time.perf_counter()
+            images = [decoders[decode](p) for p in paths]
             t1 = time.perf_counter()
-            tensors = [b.transform(im) for im in images]
+            tensors = [backbones[resize].transform(im) for im in images]
             t2 = time.perf_counter()
             for lo in range(0, len(tensors) - BATCH + 1, BATCH):
                 collate_pins([(i, x, "") for i, x in enumerate(tensors[lo:lo + BATCH])])
             t3 = time.perf_counter()
-            transform[r].append((t2 - t1) / len(paths) * 1e3)
-            collate[r].append((t3 - t2) / (len(tensors) // BATCH * BATCH) * 1e3)
+            times[decode, resize]["decode_ms"].append((t1 - t0) / len(paths) * 1e3)
+            times[decode, resize]["transform_ms"].append((t2 - t1) / len(paths) * 1e3)
+            times[decode, resize]["collate_ms"].append((t3 - t2) / (len(tensors) // BATCH * BATCH) * 1e3)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     out = {}
-    for r in backbones:
-        out[r] = {"decode_ms": statistics.median(decode), "transform_ms": statistics.median(transform[r]),
-                  "collate_ms": statistics.median(collate[r])}
-        out[r]["data_ms"] = sum(out[r].values())
+    for (decode, resize), steps in times.items():
+        row = {k: statistics.median(v) for k, v in steps.items()}
+        row["data_ms"] = sum(row.values())
+        out[f"{decode}/{resize}"] = row
     return out
+
+
+def _plain(path: str, size: int):
+    """(bytes, DCT scale) of a plain JPEG, as ``extract.decode=opencv``'s workers see it."""
+    data, dims = plain_jpeg(path, 89478485)
+    return data, draft_scale(dims, size)
 
 
 def runners(backbone, int8_xml: Path, int8_all_xml: Path) -> dict:
@@ -170,8 +181,8 @@ def main() -> None:
     # (1) the data path
     backbones = {r: build_backbone("efficientnet_lite0", resize=r) for r in ("tensor", "pil")}
     out["data"] = data_ms(backbones, paths[:300])
-    for r in backbones:
-        print(f"data path, extract.resize={r}: " + ", ".join(f"{k} {v:.2f}" for k, v in out["data"][r].items()),
+    for key, row in out["data"].items():
+        print(f"data path, extract.decode/resize={key}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()),
               flush=True)
 
     # (5 first: the int8 model is calibrated on the Fashion pins, as a store of them would be)
@@ -199,17 +210,21 @@ def main() -> None:
     # (3, 4) each pipeline against its bound
     native = cpu_has_native_bf16()
     auto = "bf16" if native else "fp32"
-    for runtime, amp, resize in [("torch", auto, "pil"), ("torch", auto, "tensor"), ("openvino", auto, "pil"),
-                                 ("openvino", auto, "tensor"), ("openvino", "int8", "tensor")]:
+    pipelines = [("torch", auto, "cpu", "pil"), ("torch", auto, "cpu", "tensor"), ("torch", auto, "opencv", "tensor"),
+                 ("openvino", auto, "cpu", "pil"), ("openvino", auto, "cpu", "tensor"),
+                 ("openvino", auto, "opencv", "tensor"), ("openvino", "int8", "cpu", "tensor"),
+                 ("openvino", "int8", "opencv", "tensor")]
+    for runtime, amp, decode, resize in pipelines:
         shutil.rmtree(work / export.name / "embeddings", ignore_errors=True)
         ov = ["extract.runtime=openvino", "extract.device=cpu"] if runtime == "openvino" else []
         meta = extract(make_cfg([*common, *ov, f"extract.amp={'off' if amp == 'fp32' else amp}",
-                                 f"extract.resize={resize}"]), progress=False)
+                                 f"extract.resize={resize}", f"extract.decode={decode}"]), progress=False)
         b = meta["last_run"]["images_per_s"]
         model = out["model"][f"{runtime} {amp}"]
-        bound = cores * 1e3 / (model["core_ms"] + out["data"][resize]["data_ms"])
-        row = {"runtime": runtime, "amp": amp, "resize": resize, "workers": meta["last_run"]["workers"],
-               "extract_pins_per_s": b, "model_alone": model["images_per_s"], "bound": bound,
+        bound = cores * 1e3 / (model["core_ms"] + out["data"][f"{decode}/{resize}"]["data_ms"])
+        row = {"runtime": runtime, "amp": amp, "decode": decode, "resize": resize,
+               "workers": meta["last_run"]["workers"], "extract_pins_per_s": b,
+               "model_alone": model["images_per_s"], "bound": bound,
                "of_model_alone": b / model["images_per_s"], "of_bound": b / bound}
         out["pipelines"].append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
@@ -232,7 +247,8 @@ def main() -> None:
     a = out["model"]
     best = "openvino bf16" if native else "openvino fp32"
     print(f"\nint8 model alone / {best}: {a['openvino int8']['images_per_s'] / a[best]['images_per_s']:.2f}x; "
-          f"tensor data path / pil: {out['data']['tensor']['data_ms'] / out['data']['pil']['data_ms']:.2f}")
+          "data path / cpu+pil's: " + ", ".join(f"{k} {v['data_ms'] / out['data']['cpu/pil']['data_ms']:.2f}"
+                                                for k, v in out["data"].items()))
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "cpu_bound.json").write_text(json.dumps(out, indent=1))
 
