@@ -2,6 +2,7 @@
 runtimes, bitwise resume, the cache, the refusals and errors, and predict/search/serving embedding like the store."""
 
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -322,3 +323,17 @@ def test_int8_features_of_real_weights_keep_the_float_features_on_real_photos_he
     # 12 calibration photos generalise less than a store's 300 pins (0.9974 over 2,000 Fashion pins, 300 of them
     # the calibration's: experiments/throughput); measured 0.988 (min 0.971) here; every operation quantized: ~0.96
     assert not np.array_equal(int8, fp32) and cos.mean() >= 0.98 and cos.min() >= 0.95
+
+
+def test_an_int8_store_whose_model_went_missing_is_not_continued_with_a_new_one(tmp_path):
+    args = [*OV, f"paths.work={tmp_path}", "extract.workers=0", "extract.amp=int8", "extract.int8.pins=12",
+            "extract.int8.max_cosine_drop=null", "extract.shard.count=2"]
+    extract(make_cfg("extract", [*args, "extract.shard.index=0"]), progress=False)  # half the rows
+    folder = tmp_path / "demo" / "embeddings" / "test_efficientnet"
+    shutil.rmtree(folder / "int8")
+    before = (folder / "embeddings.npy").read_bytes()
+    with pytest.raises(UserError, match=r"holds rows embedded with an int8 model that is no longer in .*int8; "
+                                        r"re-extract the store with extract.overwrite=true"):
+        extract(make_cfg("extract", [*args, "extract.shard.index=1"]), progress=False)
+    assert (folder / "embeddings.npy").read_bytes() == before
+    assert not (folder / "int8").exists()  # nothing quantized anew

@@ -24,7 +24,14 @@ from pinterest_cls.data.gpu_decode import GpuDecoder
 from pinterest_cls.data.loader import PinDataset, default_workers, make_loader
 from pinterest_cls.data.manifest import MANIFEST, ok_rows, scan_uncategorised
 from pinterest_cls.data.metadata import fingerprint_digest, read_meta
-from pinterest_cls.data.store import EmbeddingStore, NewStore, legacy_rows_sha256, rows_sha256, shard_range
+from pinterest_cls.data.store import (
+    EmbeddingStore,
+    NewStore,
+    legacy_rows_sha256,
+    read_records,
+    rows_sha256,
+    shard_range,
+)
 from pinterest_cls.embed import quantization
 from pinterest_cls.embed.backbones import RESIZES, build_backbone
 from pinterest_cls.embed.calibration import calibrate, needs_calibration
@@ -312,6 +319,10 @@ def _open_jobs(cfg: DictConfig, bcfgs: list[DictConfig], ok, s: RunSettings, cla
         # an earlier run that ran out of memory went on with smaller micro-batches: so does this one
         channels_last = bool(cfg.extract.channels_last)
         ir = None
+        if s.int8 and not (folder / quantization.INT8_DIR / quantization.RECORD).is_file() and any(
+                r["done"] > r["lo"] for r in read_records(folder)):  # rows of a model no longer there
+            raise UserError(f"{folder} holds rows embedded with an int8 model that is no longer in "
+                            f"{folder / quantization.INT8_DIR}; re-extract the store with extract.overwrite=true")
         if s.int8:  # the store's one int8 model, quantized now on its own pins if it has none yet
             ir = quantization.store_int8_model(folder, fingerprint_digest(store.meta.fingerprint), backbone,
                                                ok["path"].tolist(), s.int8, s.request_rows,
