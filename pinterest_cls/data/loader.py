@@ -90,13 +90,15 @@ class PinDataset(Dataset):
             return None
         data, size = plain
         decoded: dict[int, object] = {}
+        images = []
         for m in self.min_sizes:
             scale = draft_scale(size, m)
             if scale not in decoded:
                 decoded[scale] = decode_opencv(data, scale)
-                if decoded[scale] is None:
-                    return None
-        return [decoded[draft_scale(size, m)] for m in self.min_sizes]
+            if decoded[scale] is None:
+                return None
+            images.append(decoded[scale])
+        return images
 
 
 class Encoded:

@@ -88,6 +88,13 @@ class Backbone:
 RESIZES = ("tensor", "pil")
 
 
+def check_resize(name: str) -> str:
+    """``extract.resize``, checked: one of ``RESIZES``."""
+    if name not in RESIZES:
+        raise UserError(f"extract.resize={name!r} must be one of: {', '.join(RESIZES)}")
+    return name
+
+
 class TensorResize:
     """RGB image (PIL, or an (H, W, 3) uint8 array: ``extract.decode=opencv``) -> uint8 tensor (3, size, size) by
     torchvision's antialiased resize of the uint8 tensor: the
@@ -130,8 +137,7 @@ def make_transform(input_size: int, crop_pct: float, interpolation: str, crop_mo
     from torchvision import transforms as T
     from torchvision.transforms import InterpolationMode
 
-    if resize_impl not in RESIZES:
-        raise UserError(f"extract.resize={resize_impl!r} must be one of: {', '.join(RESIZES)}")
+    check_resize(resize_impl)
     resize = int(input_size / crop_pct) if crop_pct else input_size
     interp = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
               "nearest": InterpolationMode.NEAREST, "lanczos": InterpolationMode.LANCZOS}[interpolation]
@@ -174,9 +180,7 @@ def build_backbone(bcfg, resize: str = "tensor") -> Backbone:
     pool = str(bcfg.pool)
     if pool not in POOLS:
         raise UserError(f"backbone.pool={pool!r} must be one of: {', '.join(POOLS)}")
-    if resize not in RESIZES:
-        raise UserError(f"extract.resize={resize!r} must be one of: {', '.join(RESIZES)}")
-    return KINDS[kind](bcfg, pool, resize)
+    return KINDS[kind](bcfg, pool, resize)  # make_transform checks resize
 
 
 def _pixels(bcfg, pool: str, resize_impl: str) -> Backbone:

@@ -86,6 +86,11 @@ class Int8Model:
     xml: Path
 
 
+def has_int8_model(store_folder: Path) -> bool:
+    """Whether the store in ``store_folder`` has an int8 model (its record; ``int8_model`` checks the rest)."""
+    return (Path(store_folder) / INT8_DIR / RECORD).is_file()
+
+
 def _read_record(folder: Path) -> dict | None:
     try:
         return json.loads((folder / RECORD).read_text())
@@ -128,9 +133,9 @@ def _cosine_to(reference: list[np.ndarray]):
 
 def quantize_for_store(store_folder: Path, fingerprint_digest: str, ov_model, calibration_batches, rows: list[int],
                        name: str, max_cosine_drop: float | None = 0.005) -> Path:
-    """The store's int8 model: the one in ``<store_folder>/int8/`` when there is one (of this fingerprint),
-    else ``ov_model`` quantized by NNCF on ``calibration_batches`` (uint8 arrays of the compiled request shape,
-    from the pins of ``rows``) and written there atomically. Returns its ``model.xml``.
+    """``ov_model`` quantized by NNCF on ``calibration_batches`` (uint8 arrays of the compiled request shape, from the
+    pins of ``rows``) and written atomically into ``<store_folder>/int8/`` (a store that already has one keeps it:
+    ``store_int8_model`` looks first). Returns its ``model.xml``.
 
     ``max_cosine_drop``: NNCF's accuracy control (``nncf.quantize_with_accuracy_control``) with the mean row
     cosine of the features to the float model's, on the calibration pins, as the metric: the operations that
@@ -139,8 +144,6 @@ def quantize_for_store(store_folder: Path, fingerprint_digest: str, ov_model, ca
     import openvino as ov
 
     folder = Path(store_folder) / INT8_DIR
-    if (folder / RECORD).is_file():
-        return int8_model(folder, fingerprint_digest, name)
     nncf = import_nncf()
     batches = list(calibration_batches)
     if not batches:
@@ -188,9 +191,8 @@ def store_int8_model(store_folder: Path, fingerprint_digest: str, backbone, path
     on the seeded sample of its rows (``paths``: every row's file) that ``int8`` (``settings``) names, each decoded
     and resized by ``backbone``'s own transform; unreadable pins are left out of the sample."""
     pins, seed, max_cosine_drop = int(int8["pins"]), int(int8["seed"]), int8.get("max_cosine_drop")
-    folder = Path(store_folder) / INT8_DIR
-    if (folder / RECORD).is_file():
-        return int8_model(folder, fingerprint_digest, backbone.name)
+    if has_int8_model(store_folder):
+        return int8_model(Path(store_folder) / INT8_DIR, fingerprint_digest, backbone.name)
     rows = calibration_rows(len(paths), pins, seed)
     size = int(backbone.info["input_size"])
     dataset = PinDataset(paths, rows, backbone.transform, backbone.resize_size, draft=draft, max_pixels=max_pixels)

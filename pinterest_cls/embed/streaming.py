@@ -33,7 +33,7 @@ from pinterest_cls.data.store import (
     shard_range,
 )
 from pinterest_cls.embed import quantization
-from pinterest_cls.embed.backbones import RESIZES, build_backbone
+from pinterest_cls.embed.backbones import build_backbone, check_resize
 from pinterest_cls.embed.calibration import calibrate, needs_calibration
 from pinterest_cls.embed.device import INT8, amp_name, resolve_amp, runtime_device
 from pinterest_cls.embed.openvino_runtime import OpenVINOOptions, check_runtime, openvino_version
@@ -211,9 +211,7 @@ def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
     max_failed = float(config.select(cfg, "extract.max_failed_fraction"))
     if not 0.0 <= max_failed <= 1.0:
         raise UserError(f"extract.max_failed_fraction={max_failed} must be between 0 and 1")
-    resize = str(config.select(cfg, "extract.resize"))
-    if resize not in RESIZES:
-        raise UserError(f"extract.resize={resize!r} must be one of: {', '.join(RESIZES)}")
+    resize = check_resize(str(config.select(cfg, "extract.resize")))
     dtype = str(cfg.store.dtype)
     if dtype not in ("float16", "float32"):
         raise UserError(f"store.dtype={dtype!r} must be float16 or float32")
@@ -319,7 +317,7 @@ def _open_jobs(cfg: DictConfig, bcfgs: list[DictConfig], ok, s: RunSettings, cla
         # an earlier run that ran out of memory went on with smaller micro-batches: so does this one
         channels_last = bool(cfg.extract.channels_last)
         ir = None
-        if s.int8 and not (folder / quantization.INT8_DIR / quantization.RECORD).is_file() and any(
+        if s.int8 and not quantization.has_int8_model(folder) and any(
                 r["done"] > r["lo"] for r in read_records(folder)):  # rows of a model no longer there
             raise UserError(f"{folder} holds rows embedded with an int8 model that is no longer in "
                             f"{folder / quantization.INT8_DIR}; re-extract the store with extract.overwrite=true")
