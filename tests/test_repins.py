@@ -16,6 +16,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from pinterest_cls.audit import audit
+from pinterest_cls.core.fileio import mp_context, process_pool
 from pinterest_cls.data import demo
 from pinterest_cls.data.metadata import CALIBRATION, fingerprint_digest, read_meta
 from pinterest_cls.embed.calibration import RECALL
@@ -85,6 +86,33 @@ def test_copies_of_real_photos_are_grouped_and_two_pictures_of_one_scene_are_not
     assert all(groups[f] == (-1,) for f in scenes)  # no scene picture joins anything
     pairs = found.attrs["pairs"]
     assert len(pairs) == 4 * 10 and (pairs["pixel_score"] >= MIN_PIXEL_SCORE).all()  # 5 files: 10 pairs each
+
+
+def _threads_here(_=None) -> tuple[int, int]:
+    """(OpenBLAS's threads, torch's threads) in the process that runs this."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    blas = [p["num_threads"] for p in threadpool_info() if p["internal_api"] == "openblas"]
+    return (blas[0] if blas else -1), torch.get_num_threads()
+
+
+def test_pixel_check_workers_run_one_blas_thread_each_where_a_plain_pool_inherits_the_parents():
+    """The pixel check's pool (core.fileio.process_pool) gives each worker one BLAS and one torch thread; a forked
+    worker otherwise keeps its parent's BLAS pool, and on 2 cores two such workers made the check 5.5x slower."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    if not any(p["internal_api"] == "openblas" for p in threadpool_info()):
+        pytest.skip("numpy is not linked to OpenBLAS here")
+    with threadpool_limits(limits=3):
+        with ProcessPoolExecutor(max_workers=2, mp_context=mp_context()) as plain:
+            inherited = list(plain.map(_threads_here, range(2)))
+        with process_pool(2) as pool:
+            each = list(pool.map(_threads_here, range(2)))
+    assert all(blas == 3 for blas, _ in inherited)  # what the pool must undo
+    assert each == [(1, 1), (1, 1)]
 
 
 def test_pixel_scores_are_kept_by_content_and_a_fresh_run_reads_them_instead_of_the_files(tmp_path):

@@ -35,13 +35,12 @@ import logging
 import shutil
 import struct
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pinterest_cls.core.fileio import locked, mp_context
+from pinterest_cls.core.fileio import locked, process_pool
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +282,7 @@ def synthetic_export(root: Path, n: int, size: tuple[int, int] = (736, 1100), pi
             board.mkdir(parents=True, exist_ok=True)
             (board / "board_category.txt").write_text(f"category{b % categories}\n")
         jobs.append((i, board / f"pin{i:07d}" / IMAGE_NAME, size[0], size[1]))
-    with ProcessPoolExecutor(mp_context=mp_context()) as pool:
+    with process_pool() as pool:
         list(pool.map(_synthetic_pin, jobs, chunksize=64))
     marker.touch()
     return root

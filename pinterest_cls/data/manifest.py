@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from omegaconf import DictConfig
 
 from pinterest_cls.core import config
 from pinterest_cls.core.errors import UserError
-from pinterest_cls.core.fileio import atomic_write_json, available_cpus, file_sha256, locked, mp_context
+from pinterest_cls.core.fileio import atomic_write_json, available_cpus, file_sha256, locked, process_pool
 from pinterest_cls.core.progress import progress_bar
 from pinterest_cls.data.demo import ensure_demo_export
 from pinterest_cls.data.images import DEFAULT_MAX_PIXELS, verify_image
@@ -107,7 +106,7 @@ def verify_candidates(candidates: list[Candidate], settings: ScanSettings, previ
             bar.update()
     else:
         chunksize = max(1, min(256, len(todo) // (workers * 16)))
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp_context()) as pool:
+        with process_pool(workers) as pool:
             for i, v in zip(todo, pool.map(_verify_one, args, chunksize=chunksize)):
                 results[i] = v
                 bar.update()

@@ -29,14 +29,13 @@ from __future__ import annotations
 import functools
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pinterest_cls.core.fileio import available_cpus, mp_context
+from pinterest_cls.core.fileio import available_cpus, process_pool
 from pinterest_cls.data.images import ImageDecodeError, load_rgb
 
 #: The side of the compared images, and the largest side of the thumbnails they are made from.
@@ -242,7 +241,7 @@ def verify_pairs(paths_a, paths_b, floor: float | None = None, workers: int | No
     order = sorted(range(len(pairs)), key=lambda i: pairs[i])
     scores = np.full(len(pairs), np.nan)
     chunk = max(1, min(64, len(pairs) // (workers * 8)))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp_context()) as pool:
+    with process_pool(workers) as pool:
         for i, value in zip(order, pool.map(_pair_score, [pairs[i] for i in order], chunksize=chunk)):
             scores[i] = value
             if progress is not None:
