@@ -99,7 +99,7 @@ def _threads_here(_=None) -> tuple[int, int]:
 
 def test_pixel_check_workers_run_one_blas_thread_each_where_a_plain_pool_inherits_the_parents():
     """The pixel check's pool (core.fileio.process_pool) gives each worker one BLAS and one torch thread; a forked
-    worker otherwise keeps its parent's BLAS pool, and on 2 cores two such workers made the check 5.5x slower."""
+    worker otherwise keeps its parent's BLAS pool, and on 2 cores two such workers made the check 4.3x slower."""
     from concurrent.futures import ProcessPoolExecutor
 
     from threadpoolctl import threadpool_info, threadpool_limits

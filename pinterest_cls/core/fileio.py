@@ -41,7 +41,7 @@ def process_pool(workers: int | None = None) -> ProcessPoolExecutor:
     """A pool of ``workers`` processes (``mp_context``; default: one per CPU) whose numerical libraries run one
     thread each. Each worker is meant to have a CPU to itself; a BLAS or OpenMP pool as wide as the machine in every
     worker oversubscribes the CPUs, and its threads then wait on each other (on 2 cores, OpenBLAS's threads in the
-    pixel check's forked workers made it 5.5x slower)."""
+    pixel check's forked workers made it 4.3x slower)."""
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp_context(), initializer=_one_thread_each)
 
 
