@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -133,6 +134,36 @@ def test_a_folder_of_images_is_one_board(themed, tmp_path):
                                  f"inputs={folder}", f"predict.out={tmp_path / 'out' / 'p.csv'}"]))
     (row,) = pd.read_csv(tmp_path / "out" / "board_predictions.csv").itertuples()
     assert row.board == "my board" and row.top1_category == "green" and row.pins == 4 and row.failed == 1
+
+
+def test_a_damaged_board_record_is_a_one_line_error_not_taken_for_a_missing_one(themed, tmp_path):
+    from urllib.parse import urlparse
+
+    from pinterest_cls.learn.board_rules import BOARDS_FILE
+    from pinterest_cls.track.tracking import use_store
+
+    folder = tmp_path / "board"
+    folder.mkdir()
+    for p in range(2):
+        (folder / f"{p}.jpg").write_bytes(photo(THEMES["red"], 950 + p))
+    cfg = make_cfg("predict", [*themed["args"][:1], f"run_id={themed['run_id']}", "predict.boards=folder",
+                               f"inputs={folder}", f"predict.out={tmp_path / 'out' / 'p.csv'}"])
+    run = use_store(str(cfg.mlflow.tracking_uri)).MlflowClient().get_run(themed["run_id"])
+    record = Path(urlparse(run.info.artifact_uri).path) / BOARDS_FILE
+    original = record.read_bytes()
+    try:
+        for damage in (b'{"abstention": {"abstain_b', b'{"abstention": {"abstain_below": "low"}}', b"[1, 2]"):
+            record.write_bytes(damage)
+            with pytest.raises(UserError) as err:
+                predict(cfg)
+            line = str(err.value)
+            assert "\n" not in line and f"{BOARDS_FILE} of run {themed['run_id']}" in line and "re-run" in line
+            assert not (tmp_path / "out" / "board_predictions.csv").exists()
+    finally:
+        record.write_bytes(original)
+    predict(cfg)  # the record restored: the board is labelled with its abstention threshold
+    (row,) = pd.read_csv(tmp_path / "out" / "board_predictions.csv").itertuples()
+    assert row.top1_category == "red" and row.abstain in (True, False)
 
 
 def test_predict_boards_without_their_store_names_the_extract_command(themed, tmp_path):

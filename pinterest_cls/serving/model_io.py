@@ -61,13 +61,26 @@ def load_run(tracking_uri: str, run_id: str) -> tuple[object, StoreMeta, Path | 
 
 def load_boards(tracking_uri: str, run_id: str) -> dict | None:
     """The board record (``boards.json``: the board rules' metrics and the abstention threshold) of a train run;
-    None where the run has none (data without boards, or a run made before boards were evaluated)."""
+    None where the run has none (data without boards, or a run made before boards were evaluated). A record that
+    is there but cannot be read is a one-line error, not taken for a missing one."""
     mlflow = use_store(tracking_uri)
-    try:
-        path = mlflow.MlflowClient().download_artifacts(run_id, BOARDS_FILE, tempfile.mkdtemp())
-        return json.loads(Path(path).read_text())
-    except Exception:
+    client = mlflow.MlflowClient()
+    if BOARDS_FILE not in {a.path for a in client.list_artifacts(run_id)}:
         return None
+    bad = f"{BOARDS_FILE} of run {run_id} is not a board record"
+    try:
+        record = json.loads(Path(client.download_artifacts(run_id, BOARDS_FILE, tempfile.mkdtemp())).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{bad} ({str(exc).splitlines()[0][:200]}); re-run its train job") from None
+    abstention = record.get("abstention") if isinstance(record, dict) else None
+    try:
+        if not isinstance(record, dict) or not (abstention is None or np.isfinite(float(abstention["abstain_below"]))) \
+                or not float(record.get("temperature", 1.0)) > 0:
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{bad} (abstention.abstain_below a number, temperature a positive number); re-run its "
+                        "train job") from None
+    return record
 
 
 #: The classes of this package that a saved classifier may hold, trusted when skops loads it (beside what skops
