@@ -10,7 +10,9 @@ The set its parameters were chosen on (``bench.py`` measures on other photos, fr
   each (``pinterest_cls.data.copies``, seed 0);
 - distinct pairs: 150 random pairs of the Fashion photos, and each Fashion photo with its nearest other photo by
   the pixels (16 x 16 grey, cosine): the hardest distinct pairs;
-- different pictures of one generated scene: 15 demo pictures of each category (``demo._draw``), every pair.
+- different pictures of one generated scene: 15 demo pictures of each category (``demo._draw``), every pair;
+- not for choosing, but to show what the set lacked: Fashion-MNIST's own look-alikes among 10,000 other photos
+  (20,000-29,999, apart from bench.py's): each photo's nearest other by the pixels, the --lookalikes closest pairs.
 
 Prints each set's lowest, 1st percentile and median score, how many copies fall below ``repins.min_pixel_score``
 and how many distinct pairs reach it, and milliseconds per decision (in this process; images decoded beforehand).
@@ -58,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--idx", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--lookalikes", type=int, default=150, help="closest distinct pairs of photos 20,000-29,999")
     args = ap.parse_args()
     floor = float(compose("train", []).repins.min_pixel_score)
     rng = np.random.default_rng(0)
@@ -104,6 +107,28 @@ def main() -> None:
         scene = [grey(demo._draw(category, r)) for _ in range(15)]
         scores, ms = timed([(scene[i], scene[j]) for i in range(15) for j in range(i + 1, 15)])
         print(row(f"demo {category}: two pictures of the scene", scores, floor, False, ms), flush=True)
+    # Fashion-MNIST's own look-alikes, among 10,000 photos apart from this set and from bench.py's (20,000 on):
+    # each photo's nearest other by the pixels, the --lookalikes closest pairs (a pair counted once)
+    others = read_idx(Path(args.idx) / "train-images-idx3-ubyte.gz")[20000:30000]
+    x = np.stack([np.asarray(Image.fromarray(a).resize((16, 16)), dtype=np.float32).ravel() for a in others])
+    x -= x.mean(1, keepdims=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    nearest, best = np.zeros(len(x), dtype=np.int64), np.zeros(len(x))
+    for lo in range(0, len(x), 2000):
+        sims = x[lo:lo + 2000] @ x.T
+        sims[np.arange(len(sims)), np.arange(lo, lo + len(sims))] = -1
+        nearest[lo:lo + 2000], best[lo:lo + 2000] = sims.argmax(1), sims.max(1)
+    pairs = sorted({tuple(sorted((int(i), int(nearest[i])))) for i in range(len(x))}, key=lambda p: -best[p[0]])
+    pairs = pairs[:args.lookalikes]
+    big = [grey(jpeg(Image.fromarray(a).resize((112, 112), Image.BICUBIC))) for a in others]
+    scores, ms = timed([(big[i], big[j]) for i, j in pairs])
+    print(row(f"Fashion-MNIST photos 20,000-29,999: the {len(pairs)} closest look-alike pairs", scores, floor, False,
+              ms))
+    diff = [float(np.abs(others[i].astype(np.float32) - others[j]).mean()) for i, j in pairs]
+    reach = [d for d, s in zip(diff, scores) if s >= floor]
+    if reach:
+        print(f"\n{len(reach)} of those pairs reach the floor; their 28-px originals differ by a mean of "
+              f"{min(reach):.1f}-{max(reach):.1f} grey levels (of 255)\n")
 
 
 if __name__ == "__main__":
