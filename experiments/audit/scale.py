@@ -2,7 +2,7 @@
 and what near copies (calibration, search and the pixel check) add to it.
 
     python experiments/audit/scale.py [--sizes 100000 1000000] [--dim 1280] [--categories 20]
-        [--folder /tmp/audit_scale] [--threshold 0.9]
+        [--folder /tmp/audit_scale] [--threshold 0.9] [--repeats 3]
 
 For each size, a store is written as ``extract`` writes one (``embeddings.npy`` memory-mapped float32,
 ``index.parquet``, ``meta.json``): 250-pin boards of 20 categories, each pin a category centre plus a board style
@@ -11,11 +11,14 @@ repinned as near copies onto another board. Each pin has an image file (48 x 48 
 planted copy's file is its original's, resized to 40 px and re-encoded), so the pixel check reads real files.
 Then the audit verb runs in a child process, as a user runs it (``mlflow.enabled=false``), twice: with exact
 copies only (``repins.threshold=off``) and with near copies (``repins.threshold=--threshold``, verified on the
-pixels). The calibration ``extract`` would make is timed on the same store with efficientnet_lite0 (its threshold
-means nothing on generated vectors; its cost is that of a real store: 200 pins' four copies embedded, and an exact
-search of the 200 against every row). Measured: wall times, each audit child's peak RSS (its own ``ru_maxrss``, which
-counts the memory-mapped pages it holds), the planted flips and copies found, and the share near copies add. Ratios
-between sizes are printed side by side.
+pixels). The calibration ``extract`` would make is timed on the same store with efficientnet_lite0, once as a
+store extracted with the torch runtime calibrates and once as one extracted with OpenVINO (calibration embeds its
+copies with the store's runtime and precision; its threshold means nothing on generated vectors; its cost is that
+of a real store: 200 pins' four copies embedded, and an exact search of the 200 against every row), --repeats
+times each, the median used. Measured:
+wall times, each audit child's peak RSS (its own ``ru_maxrss``, which counts the memory-mapped pages it holds), the
+planted flips and copies found, and the share near copies add. Ratios between sizes are printed side by side and
+written to ``results/near_copies.csv``.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def write_store(folder: Path, n: int, dim: int, categories: int, seed: int = 0) 
                           "path": paths, "embedded": True, "reason": ""})
     index[INDEX_COLUMNS].to_parquet(folder / INDEX, index=False)
     meta = {"backbone": "generated", "rows": n, "dim": dim, "dtype": "float32", "rows_done": n, "rows_failed": 0,
-            "complete": True, "fingerprint": {"rows_sha256": f"generated-{n}-{dim}-{seed}"}}
+            "complete": True, "extract": {"resize": "tensor"},  # as extract makes a store today
+            "fingerprint": {"rows_sha256": f"generated-{n}-{dim}-{seed}", "resize": "tensor"}}
     (folder / META).write_text(json.dumps(meta))
     return {"flipped": flipped, "copies": copies, "originals": originals}
 
@@ -108,22 +112,39 @@ def write_images(folder: Path, n: int, copies: np.ndarray, originals: np.ndarray
     return paths
 
 
-def time_calibration(store: Path) -> float:
-    """Seconds of the calibration extract would make of this store, with efficientnet_lite0 (the record is
-    removed: it means nothing on generated vectors)."""
+def time_calibration(store: Path, runtime: str) -> float:
+    """Seconds of the calibration extract would make of this store, with efficientnet_lite0, had the store been
+    extracted with ``runtime`` (torch or openvino: calibration embeds its copies with the store's runtime and
+    precision, ``extract.amp=auto``); the record is removed: it means nothing on generated vectors. NaN where the
+    runtime is not installed."""
     from pinterest_cls.core.config import compose
     from pinterest_cls.embed.backbones import build_backbone
     from pinterest_cls.embed.calibration import calibrate
 
+    if runtime == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            print("note: calibration with the OpenVINO runtime not timed: pip install -e '.[openvino]'")
+            return float("nan")
     backbone = build_backbone("efficientnet_lite0")
-    if json.loads((store / META).read_text())["dim"] != backbone.dim:
+    meta_path = store / META
+    meta = json.loads(meta_path.read_text())
+    if meta["dim"] != backbone.dim:
         print(f"note: calibration not timed: the store's vectors are not efficientnet_lite0's "
               f"{backbone.dim} dimensions")
         return float("nan")
-    t0 = time.perf_counter()
     cfg = compose("extract", [])
-    calibrate(store, backbone, int(cfg.extract.calibrate.pins), 0, float(cfg.repins.min_pixel_score))
-    seconds = time.perf_counter() - t0
+    written = dict(meta)
+    written["extract"] = {**meta["extract"], "runtime": runtime, "amp": "auto",
+                          "request_rows": int(cfg.extract.openvino.request_rows) if runtime == "openvino" else None}
+    meta_path.write_text(json.dumps(written))
+    try:
+        t0 = time.perf_counter()
+        calibrate(store, backbone, int(cfg.extract.calibrate.pins), 0, float(cfg.repins.min_pixel_score))
+        seconds = time.perf_counter() - t0
+    finally:
+        meta_path.write_text(json.dumps(meta))
     (store / CALIBRATION).unlink()
     return seconds
 
@@ -164,6 +185,7 @@ def main() -> None:
     ap.add_argument("--categories", type=int, default=20)
     ap.add_argument("--folder", type=Path, default=Path("/tmp/audit_scale"))
     ap.add_argument("--threshold", type=float, default=0.9, help="repins.threshold of the audit with near copies")
+    ap.add_argument("--repeats", type=int, default=3, help="calibrations timed per runtime (their median is used)")
     args = ap.parse_args()
     rows = []
     for n in args.sizes:
@@ -174,14 +196,19 @@ def main() -> None:
         t0 = time.perf_counter()
         planted = write_store(store, n, args.dim, args.categories)
         print(f"{n} pins: store written in {time.perf_counter() - t0:.0f} s ({n * args.dim * 4 / 1e9:.2f} GB)")
-        calibration_s = time_calibration(store)
+        times = {runtime: [time_calibration(store, runtime) for _ in range(args.repeats)]
+                 for runtime in ("torch", "openvino")}
+        calibration = {runtime: float(np.median(t)) for runtime, t in times.items()}
         audit_dir = work / data_root.name / "audit" / "generated"
         exact_s, exact_rss = run_audit(work, data_root, "off")
         seconds, rss = run_audit(work, data_root, str(args.threshold))
         info = json.loads((audit_dir / "audit.json").read_text())
-        added = (calibration_s + seconds - exact_s) / exact_s
+        added = {runtime: round((c + seconds - exact_s) / exact_s, 3) for runtime, c in calibration.items()}
         result = {"pins": n, "dim": args.dim, "audit_exact_only_s": round(exact_s, 1), "audit_s": round(seconds, 1),
-                  "calibration_s": round(calibration_s, 1), "near_copies_add": round(added, 3),
+                  "calibration_torch_s": round(calibration["torch"], 1),
+                  "calibration_openvino_s": round(calibration["openvino"], 1),
+                  "calibration_runs_s": {runtime: [round(x, 1) for x in t] for runtime, t in times.items()},
+                  "near_copies_add_torch": added["torch"], "near_copies_add_openvino": added["openvino"],
                   "near_candidates": info["near_candidates"], "refused_by_pixels": info["near_candidates_rejected"],
                   "peak_rss_exact_only_gb": round(exact_rss, 2), "peak_rss_gb": round(rss, 2),
                   "store_gb": round(n * args.dim * 4 / 1e9, 2), **found(audit_dir, planted, store)}
@@ -197,7 +224,7 @@ def main() -> None:
     print(table.to_string(index=False))
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    table.to_csv(out / "scale.csv", index=False)
+    table.to_csv(out / "near_copies.csv", index=False)
 
 
 if __name__ == "__main__":
