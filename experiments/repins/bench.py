@@ -42,7 +42,7 @@ from pinterest_cls.core.config import compose
 from pinterest_cls.data.copies import KINDS, synthetic_copy
 from pinterest_cls.data.manifest import pin_digests
 from pinterest_cls.data.metadata import CALIBRATION, read_calibration
-from pinterest_cls.data.pixel_match import PIXEL_SCORES, ScoreCache
+from pinterest_cls.data.pixel_match import PIXEL_SCORES, ScoreCache, verify_pairs
 from pinterest_cls.data.store import open_store
 from pinterest_cls.embed.calibration import calibrate
 from pinterest_cls.embed.embedder import backbone_from_meta
@@ -127,11 +127,36 @@ def measure(found: pd.DataFrame, pins: pd.DataFrame, planted: pd.DataFrame) -> d
             "groups": int(len(photos_per_group))}
 
 
-def straddling(split_csv: Path, planted: pd.DataFrame) -> dict:
-    """Planted copies whose original and copy sit on the two sides of train's split, per kind."""
+def missed(found: pd.DataFrame, pins: pd.DataFrame, planted: pd.DataFrame, store, threshold: float | None,
+           floor: float) -> list[dict]:
+    """Each planted near copy not in its original's group: its kind, its cosine to the original, its pixel score
+    (decided exactly, without a floor) and why it was missed: ``cosine`` (below the threshold), ``pixels`` (the
+    score below ``floor``) or ``neighbours`` (neither: not among the ``repins.k`` searched)."""
+    group = dict(zip(pins["pin"], found["group"].to_numpy()))
+    row = dict(zip(pins["pin"], pins["row"]))
+    path = dict(zip(pins["pin"], pins["path"]))
+    lost = planted[[not (group[o] >= 0 and group[o] == group[c]) for o, c in zip(planted["original"],
+                                                                                 planted["copy"])]]
+    lost = lost[lost["kind"] != "exact"]
+    if not len(lost) or threshold is None:
+        return []
+    a = store.vectors[[row[o] for o in lost["original"]]].astype(np.float64)
+    b = store.vectors[[row[c] for c in lost["copy"]]].astype(np.float64)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    score = verify_pairs([path[o] for o in lost["original"]], [path[c] for c in lost["copy"]])
+    return [{"copy": c, "kind": k, "cosine": round(float(x), 4), "pixel_score": round(float(y), 4),
+             "why": "cosine" if x < threshold else "pixels" if y < floor else "neighbours"}
+            for c, k, x, y in zip(lost["copy"], lost["kind"], cos, score)]
+
+
+def straddling(split_csv: Path, planted: pd.DataFrame, pins: bool = False) -> dict | list:
+    """Planted copies whose original and copy sit on the two sides of train's split, per kind (``pins``: the
+    copies' pins instead)."""
     table = pd.read_csv(split_csv, dtype={"pin": str})
     side = dict(zip(table["pin"], table["side"]))
     across = [{side.get(o), side.get(c)} == {"train", "test"} for o, c in zip(planted["original"], planted["copy"])]
+    if pins:
+        return [c for c, a in zip(planted["copy"], across) if a]
     return {k: int(sum(a for a, kind in zip(across, planted["kind"]) if kind == k)) for k in PLANTED}
 
 
@@ -176,6 +201,7 @@ def main() -> None:
     cache = work / "export" / PIXEL_SCORES  # train's: the scores computed here are not computed again
     shutil.rmtree(cache, ignore_errors=True)
     out = {"n_pins": len(pins), "planted": len(planted), "per_kind": args.per_kind, "extract_s": extract_s,
+           "extract": {k: store.meta.to_dict()["extract"].get(k) for k in ("amp", "resize", "runtime", "decode")},
            "calibration": calibration, "policies": {}}
     for name, extra in POLICIES.items():
         tcfg = compose("train", [*over, *extra])
@@ -190,7 +216,9 @@ def main() -> None:
         result.update(policy=policy.describe(), threshold=policy.threshold, seconds=seconds,
                       candidates=found.attrs["candidates"], rejected=found.attrs["rejected"],
                       straddling=straddling(run["output_dir"] / "split.csv", planted),
-                      protocol=run["params"]["protocol"])
+                      straddling_pins=straddling(run["output_dir"] / "split.csv", planted, pins=True),
+                      missed=missed(found, pins, planted, store, policy.threshold, policy.min_score)
+                      if policy.verify else [], protocol=run["params"]["protocol"])
         out["policies"][name] = result
     print("\nrecall per kind (the copy in its original's group)\n\n| policy | " + " | ".join(PLANTED)
           + " | false groups / 10k pins | near candidates (refused) | find_copies s |")
@@ -205,6 +233,18 @@ def main() -> None:
     for name, r in out["policies"].items():
         print(f"| {name} | " + " | ".join(str(r["straddling"][k]) for k in PLANTED)
               + f" | {sum(r['straddling'].values())} of {len(planted)} |")
+    for name, r in out["policies"].items():
+        if r["missed"]:
+            across = set(r["straddling_pins"])
+            print(f"\n{name}: near copies missed, by why (straddling the split among them)\n\n| kind | "
+                  "below the threshold | refused by the pixels | not among the neighbours searched |")
+            print("|---|---|---|---|")
+            for k in PLANTED[1:]:
+                cells = []
+                for why in ("cosine", "pixels", "neighbours"):
+                    m = [x for x in r["missed"] if x["kind"] == k and x["why"] == why]
+                    cells.append(f"{len(m)} ({sum(x['copy'] in across for x in m)})")
+                print(f"| {k} | " + " | ".join(cells) + " |")
     backbone = backbone_from_meta(store.meta)
     band = []
     for seed in [*range(1, args.seeds), 0]:  # seed 0, the default, last: the store keeps its own calibration
