@@ -18,7 +18,8 @@ as a user runs them:
    (a group joining two distinct photos) per 10,000 distinct pins, candidates and seconds (no pixel score known
    beforehand: the export's score cache is emptied first, and then filled for train).
 3. ``train`` with default settings but for the policy (``classifier=knn``): planted copies straddling the split,
-   per kind.
+   per kind; and for each verified policy, every planted near copy it missed, by why (below the threshold,
+   refused by the pixels, or not among the neighbours searched), with its cosine and exact pixel score.
 4. The calibration again with seeds 1 .. --seeds - 1: the band of thresholds (``tests/test_repins.py`` checks a
    calibration on real photos falls inside it).
 
