@@ -332,3 +332,43 @@ def test_extract_decode_opencv_writes_the_store_of_decode_cpu(tmp_path):
     assert list(index_a["reason"]) == list(index_b["reason"])
     with pytest.raises(UserError, match=r"extract.decode='pillow' must be cpu .*, opencv .* or gpu"):
         extract(make_cfg("extract", [*common, "extract.decode=pillow"]), progress=False)
+
+
+def test_batch_norms_are_folded_by_default_and_a_store_made_before_resumes_only_unfolded(tmp_path, export):
+    from pinterest_cls.data.metadata import read_meta
+    from pinterest_cls.embed.embedder import Embedder, backbone_from_meta
+
+    work = tmp_path / "w"
+    folder = work / "exp" / "embeddings" / "test_efficientnet"
+    extract(cfg_for(work, export), progress=False)
+    meta = read_meta(folder)
+    assert meta.fingerprint["fold_bn"] is True and meta.extract.fold_bn is True
+    folded_rows = np.asarray(store_of(work)[0], np.float32).copy()
+    extract(cfg_for(work, export, "extract.fold_bn=false", "extract.overwrite=true"), progress=False)
+    plain_rows = np.asarray(store_of(work)[0], np.float32).copy()
+    assert folded_rows.tobytes() != plain_rows.tobytes()  # other rounding, the same features
+    cos = (folded_rows * plain_rows).sum(1) / np.linalg.norm(folded_rows, axis=1) / np.linalg.norm(plain_rows, axis=1)
+    assert cos.min() > 0.99999
+
+    extract(cfg_for(work, export, "extract.fold_bn=false", "extract.overwrite=true", "extract.commit_every=1",
+                    "extract.shard.count=2"), progress=False)  # half the rows, unfolded
+    raw = json.loads((folder / "meta.json").read_text())
+    for part in ("fingerprint", "extract"):  # as a store from before the option was written
+        del raw[part]["fold_bn"]
+    (folder / "meta.json").write_text(json.dumps(raw))
+    assert read_meta(folder).extract.fold_bn is False
+    before = (folder / "embeddings.npy").read_bytes()
+    with pytest.raises(UserError, match=r"fold_bn: stored False, now True.*re-run with the original settings"):
+        extract(cfg_for(work, export, "extract.shard.count=2", "extract.shard.index=1"), progress=False)
+    assert (folder / "embeddings.npy").read_bytes() == before  # nothing written is lost
+    done = extract(cfg_for(work, export, "extract.fold_bn=false", "extract.shard.count=2", "extract.shard.index=1"),
+                   progress=False)
+    assert done["complete"]
+    emb, index, _ = store_of(work)
+    assert np.asarray(emb, np.float32).tobytes() == plain_rows.tobytes()
+    meta = read_meta(folder)
+    paths = list(index["path"][[0, 20]])  # predict, search and the served model embed as its rows were
+    again, _ = Embedder.for_store(backbone_from_meta(meta), meta, "cpu")(paths, workers=0)
+    assert again.tobytes() == plain_rows[[0, 20]].tobytes()
+    with pytest.raises(UserError, match=r"extract.fold_bn=maybe must be true or false"):
+        extract(cfg_for(work, export, "extract.fold_bn=maybe"), progress=False)

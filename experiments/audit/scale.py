@@ -81,8 +81,8 @@ def write_store(folder: Path, n: int, dim: int, categories: int, seed: int = 0) 
                           "path": paths, "embedded": True, "reason": ""})
     index[INDEX_COLUMNS].to_parquet(folder / INDEX, index=False)
     meta = {"backbone": "generated", "rows": n, "dim": dim, "dtype": "float32", "rows_done": n, "rows_failed": 0,
-            "complete": True, "extract": {"resize": "tensor"},  # as extract makes a store today
-            "fingerprint": {"rows_sha256": f"generated-{n}-{dim}-{seed}", "resize": "tensor"}}
+            "complete": True, "extract": {"resize": "tensor", "fold_bn": True},  # as extract makes a store today
+            "fingerprint": {"rows_sha256": f"generated-{n}-{dim}-{seed}", "resize": "tensor", "fold_bn": True}}
     (folder / META).write_text(json.dumps(meta))
     return {"flipped": flipped, "copies": copies, "originals": originals}
 

@@ -24,7 +24,7 @@ FORMAT_VERSION = 2
 #: Fingerprint keys added after the first stores were written, with the value those stores were made with: a
 #: store whose fingerprint lacks such a key matches a run with that value (so it can still be resumed).
 FINGERPRINT_DEFAULTS = {"decode": "cpu", "micro_batch": None, "runtime": "torch", "request_rows": None,
-                        "resize": "pil"}
+                        "resize": "pil", "fold_bn": False}
 #: What to do with a store whose meta.json cannot be trusted.
 REEXTRACT = "re-extract the store with extract.overwrite=true"
 
@@ -51,6 +51,7 @@ class ExtractRecord:
     request_rows: int | None = None
     resize: str = "pil"  # extract.resize (embed.backbones.RESIZES); stores from before the option resized with Pillow
     int8: dict | None = None  # extract.amp=int8: the calibration's settings (embed.quantization.settings)
+    fold_bn: bool = False  # extract.fold_bn: batch norms folded into their convolutions (embed.folding); not before
 
 
 @dataclass(frozen=True)

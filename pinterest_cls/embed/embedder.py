@@ -43,7 +43,8 @@ class Embedder:
     (a server) compiles its runtime once. ``amp``: the precision (``auto``, ``bf16``, ``fp16``, ``fp32``, as
     ``extract.amp``; for int8, the store's model as an ``embed.quantization.Int8Model``); ``dtype``: a store's
     dtype, whose rounding the features then get, so that they compare with the store's rows; ``runtime`` and
-    ``request_rows``: ``extract.runtime`` and OpenVINO's request shape.
+    ``request_rows``: ``extract.runtime`` and OpenVINO's request shape; ``fold_bn``: ``extract.fold_bn`` (eager
+    PyTorch's batch norms folded into their convolutions, as ``extract`` does by default).
 
     >>> from pinterest_cls import Embedder, build_backbone
     >>> embed = Embedder(build_backbone("efficientnet_lite0"))
@@ -52,7 +53,7 @@ class Embedder:
 
     def __init__(self, backbone, *, device: str = "auto", amp: str | Int8Model = "auto", draft: bool = True,
                  max_pixels: int | None = None, dtype: str | None = None, runtime: str = "torch",
-                 request_rows: int | None = None):
+                 request_rows: int | None = None, fold_bn: bool = True):
         runtime = check_runtime(runtime)
         self.backbone, self.draft, self.dtype = backbone, draft, dtype
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
@@ -63,7 +64,8 @@ class Embedder:
             raise UserError("amp=int8 embeds with a store's int8 model: use Embedder.for_store with the store's "
                             "int8 folder (or amp=Int8Model(model.xml))")
         openvino = OpenVINOOptions(request_rows, ir) if runtime == "openvino" and request_rows is not None else None
-        self.runner = make_runner(backbone, self.device, amp, runtime, openvino=openvino)
+        self.runner = make_runner(backbone, self.device, amp, runtime, openvino=openvino,
+                                  fold_bn=fold_bn and runtime == "torch")
 
     @classmethod
     def for_store(cls, backbone, meta: StoreMeta, device: str = "auto", max_pixels: int | None = None,
@@ -87,7 +89,7 @@ class Embedder:
                         "before it was recorded); embedding with extract.amp=auto as resolved on this device")
         return cls(backbone, device=device, amp=ir or ex.amp or "auto", draft=ex.draft,
                    max_pixels=max_pixels or ex.max_pixels, dtype=meta.dtype, runtime=ex.runtime,
-                   request_rows=ex.request_rows)
+                   request_rows=ex.request_rows, fold_bn=ex.fold_bn)
 
     def __call__(self, paths: list[str], *, batch_size: int = 64, workers: int | None = None,
                  progress: bool = False) -> tuple[np.ndarray, list[str]]:

@@ -9,6 +9,7 @@ import torch
 
 from pinterest_cls.core.errors import UserError
 from pinterest_cls.embed.device import amp_name, strict_fp32
+from pinterest_cls.embed.folding import folded
 from pinterest_cls.embed.openvino_runtime import OpenVINOOptions, OpenVINORunner
 
 log = logging.getLogger(__name__)
@@ -57,22 +58,31 @@ class Runner:
 
 def make_runner(backbone, device: torch.device, amp: torch.dtype | None, runtime: str = "torch",
                 channels_last: bool = True, compile_: bool = False, micro_batch: int | None = None,
-                openvino: OpenVINOOptions | None = None):
-    """The runner of ``backbone``'s model: ``Runner`` (eager PyTorch, optionally compiled) or, for
-    ``runtime="openvino"``, ``embed.openvino_runtime.OpenVINORunner`` with ``openvino``'s request rows (and, for
-    ``amp="int8"``, its quantized IR)."""
+                openvino: OpenVINOOptions | None = None, fold_bn: bool = False):
+    """The runner of ``backbone``'s model: ``Runner`` (eager PyTorch, optionally compiled, with ``fold_bn`` its
+    batch norms folded into their convolutions: ``embed.folding``) or, for ``runtime="openvino"``,
+    ``embed.openvino_runtime.OpenVINORunner`` with ``openvino``'s request rows (and, for ``amp="int8"``, its
+    quantized IR)."""
     if runtime == "openvino":
         size = int(backbone.info["input_size"])
         if openvino is None:
             raise ValueError("the OpenVINO runtime needs its options (extract.openvino.request_rows)")
         return OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name, openvino.request_rows,
                               ir=openvino.ir)
-    return Runner(prepare_model(backbone.model, device, channels_last, compile_), device, amp, channels_last,
-                  micro_batch)
+    if fold_bn:
+        size = int(backbone.info["input_size"])
+        example = torch.zeros(1, int(backbone.info.get("in_chans", 3)), size, size)
+    return Runner(prepare_model(backbone.model, device, channels_last, compile_, example if fold_bn else None),
+                  device, amp, channels_last, micro_batch)
 
 
-def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool, compile_: bool):
+def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool, compile_: bool,
+                  fold_example: torch.Tensor | None = None):
+    """``model`` on ``device`` in eval mode, channels-last and compiled as asked; with ``fold_example`` (an input
+    batch), a copy of it with its batch norms folded into their convolutions (``embed.folding.folded``)."""
     model = model.to(device).eval()
+    if fold_example is not None:
+        model = folded(model, fold_example.to(device))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile_:

@@ -84,7 +84,7 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, ids: _Ids, s: RunSettings
         "seed": int(ecfg.seed), "decode": decode, "micro_batch": micro_batch,
         # the runtime computes the features (a store is never resumed with another) and, for OpenVINO, the
         # request shape that their last bits depend on
-        "runtime": s.runtime, "request_rows": s.request_rows,
+        "runtime": s.runtime, "request_rows": s.request_rows, "fold_bn": s.fold_bn,
         **({"int8": s.int8} if s.int8 else {}),
     }
     meta = {
@@ -101,7 +101,7 @@ def _open_store(cfg: DictConfig, bcfg: DictConfig, ok, ids: _Ids, s: RunSettings
         "extract": {"seed": int(ecfg.seed), "draft": bool(ecfg.draft), "amp": amp_name(amp),
                     "batch_size": batch_size, "max_pixels": int(cfg.scan.max_pixels), "decode": decode,
                     "micro_batch": micro_batch, "runtime": s.runtime, "request_rows": s.request_rows,
-                    "resize": s.resize, **({"int8": s.int8} if s.int8 else {})},
+                    "resize": s.resize, "fold_bn": s.fold_bn, **({"int8": s.int8} if s.int8 else {})},
         "data_root": None if config.select(cfg, "data.root") in (None, "") else str(cfg.data.root),
         "manifest": str(config.data_dir(cfg) / MANIFEST),
         "manifest_sha256": ids.manifest,
@@ -143,6 +143,7 @@ class RunSettings:
     request_rows: int | None  # OpenVINO's rows per infer request (None with torch)
     resize: str  # extract.resize: tensor | pil (embed.backbones.RESIZES)
     int8: dict | None  # extract.amp=int8: the calibration's settings (embed.quantization.settings)
+    fold_bn: bool  # extract.fold_bn, with the torch runtime (OpenVINO folds its own batch norms)
     shard: tuple[int, int]
     lo: int
     hi: int
@@ -225,8 +226,11 @@ def run_settings(cfg: DictConfig, n_rows: int) -> RunSettings:
     workers = default_workers() if ecfg.workers is None else int(ecfg.workers)
     amp = resolve_amp(ecfg.amp, device, runtime=runtime)
     int8 = _int8_setting(cfg) if amp == INT8 else None
-    return RunSettings(device, amp, batch_size, micro_batch, decode, max_failed, dtype,
-                       workers, runtime, request_rows, resize, int8, shard, lo, hi)
+    fold_bn = config.select(cfg, "extract.fold_bn")
+    if not isinstance(fold_bn, bool):
+        raise UserError(f"extract.fold_bn={fold_bn} must be true or false")
+    return RunSettings(device, amp, batch_size, micro_batch, decode, max_failed, dtype, workers, runtime,
+                       request_rows, resize, int8, fold_bn and runtime == "torch", shard, lo, hi)
 
 
 def extract_many(cfg: DictConfig, bcfgs: list[DictConfig], progress: bool = True,
@@ -327,7 +331,7 @@ def _open_jobs(cfg: DictConfig, bcfgs: list[DictConfig], ok, s: RunSettings, cla
                                                bool(cfg.extract.draft), int(cfg.scan.max_pixels))
         openvino = OpenVINOOptions(s.request_rows, ir) if s.runtime == "openvino" else None
         runner = make_runner(backbone, s.device, s.amp, s.runtime, channels_last, bool(cfg.extract.compile),
-                             record.get("micro_batch", s.micro_batch), openvino)
+                             record.get("micro_batch", s.micro_batch), openvino, s.fold_bn)
         jobs.append(_Job(backbone, store, folder, record, runner))
     return metas, jobs, backbones
 
