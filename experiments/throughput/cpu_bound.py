@@ -3,6 +3,7 @@ alone per runtime and precision (torch; OpenVINO in fp32, bf16 where the CPU has
 each pipeline's ``extract`` rate and its share of the bound, and what int8 does to the features.
 
     python experiments/throughput/cpu_bound.py [--n 1000] [--fashion 2000] [--dir /tmp/cpu_bound_bench]
+        [--out cpu_bound.json]
 
 (1) Data path, on one core, per generated 736 x 1100 JPEG pin (``data.demo.synthetic_export``): read and draft
 decode (Pillow, or OpenCV for ``extract.decode=opencv``), the backbone's transform (``extract.resize=tensor`` and
@@ -16,7 +17,7 @@ control) and without it; the row cosine of each precision's features to OpenVINO
 photos made 736 x 1100 pins; the test accuracy of a logistic regression (C=10) and an RBF SVM (C=10), both on
 L2-normalised features with fixed hyper-parameters (none chosen on the test set), on a board-wise split (boards of
 20 photos of one class, 20 % of the boards tested, seed 0), with 95 % bootstrap intervals over the test boards
-(1,000 resamples, seed 0). efficientnet_lite0 with its real weights throughout. Writes ``results/cpu_bound.json``.
+(1,000 resamples, seed 0). efficientnet_lite0 with its real weights throughout. Writes ``results/<--out>``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from pinterest_cls.embed.backbones import build_backbone
 from pinterest_cls.embed.device import cpu_has_native_bf16
 from pinterest_cls.embed.openvino_runtime import OpenVINORunner
 from pinterest_cls.embed.quantization import settings, store_int8_model
-from pinterest_cls.embed.runner import Runner, prepare_model
+from pinterest_cls.embed.runner import make_runner
 from pinterest_cls.extract import extract
 from pinterest_cls.scan import scan
 
@@ -99,12 +100,13 @@ def _plain(path: str, size: int):
 
 
 def runners(backbone, int8_xml: Path, int8_all_xml: Path) -> dict:
-    """The model's runners: torch (bf16 autocast where native, else fp32) and OpenVINO per precision."""
+    """The model's runners: torch (bf16 autocast where native, else fp32; its batch norms folded, as ``extract``
+    folds them) and OpenVINO per precision."""
     size = int(backbone.info["input_size"])
     native = cpu_has_native_bf16()
     out = {"torch " + ("bf16" if native else "fp32"):
-           Runner(prepare_model(backbone.model, torch.device("cpu"), True, False), torch.device("cpu"),
-                  torch.bfloat16 if native else None, True),
+           make_runner(backbone, torch.device("cpu"), torch.bfloat16 if native else None, "torch", True, False,
+                       fold_bn=True),  # as extract runs it (extract.fold_bn)
            "openvino fp32": OpenVINORunner(backbone.model, (size, size), "fp32", backbone.name, ROWS)}
     if native:
         out["openvino bf16"] = OpenVINORunner(backbone.model, (size, size), "bf16", backbone.name, ROWS)
@@ -163,6 +165,7 @@ def main() -> None:
     ap.add_argument("--fashion", type=int, default=2000, help="Fashion-MNIST pins for the features")
     ap.add_argument("--idx", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--dir", default="/tmp/cpu_bound_bench")
+    ap.add_argument("--out", default="cpu_bound.json", help="the file written under results/ (one per machine)")
     args = ap.parse_args()
     base = Path(args.dir)
     os.environ.setdefault("PINTEREST_CLS_CACHE", str(base / "cache"))
@@ -250,7 +253,7 @@ def main() -> None:
           "data path / cpu+pil's: " + ", ".join(f"{k} {v['data_ms'] / out['data']['cpu/pil']['data_ms']:.2f}"
                                                 for k, v in out["data"].items()))
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "cpu_bound.json").write_text(json.dumps(out, indent=1))
+    (HERE / "results" / args.out).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
