@@ -143,10 +143,10 @@ def tree_rss_bytes(pid: int) -> int:
 
 
 def faults(kill_after: int | None = None, signal_after: tuple[int, int] | None = None,
-           delay_s: float | None = None) -> dict:
+           delay_s: float | None = None, hold_until: Path | None = None) -> dict:
     """The environment of a child process with faults injected into extract's stream (tests/faults/): kill -9
     after batch ``kill_after``; signal ``signal_after[1]`` after batch ``signal_after[0]``; sleep ``delay_s``
-    after each batch."""
+    after each batch; after the first batch, wait until the file ``hold_until`` exists."""
     env = {"PYTHONPATH": os.pathsep.join([str(FAULTS), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if kill_after is not None:
         env["PINTEREST_CLS_KILL_AFTER_BATCH"] = str(kill_after)
@@ -154,6 +154,8 @@ def faults(kill_after: int | None = None, signal_after: tuple[int, int] | None =
         env["PINTEREST_CLS_SIGNAL_AFTER_BATCH"] = f"{signal_after[0]}:{int(signal_after[1])}"
     if delay_s is not None:
         env["PINTEREST_CLS_BATCH_DELAY_S"] = str(delay_s)
+    if hold_until is not None:
+        env["PINTEREST_CLS_HOLD_UNTIL"] = str(hold_until)
     return env
 
 

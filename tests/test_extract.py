@@ -225,8 +225,9 @@ def test_a_second_writer_of_a_shard_names_the_holder_and_stops(tmp_path, export)
     """Two runs of one shard at once (an easy mistake with SLURM): the second does no work and says who holds the
     rows; once the holder is gone (here it finishes), the shard is free again."""
     args = [f"paths.work={tmp_path / 'w'}", f"data.root={export}", *SMALL, "extract.commit_every=1"]
+    release = tmp_path / "release"  # the first run holds its rows, after one batch, until this file exists
     first = subprocess.Popen([sys.executable, "-m", "pinterest_cls.extract", *args], cwd=tmp_path,
-                             env=dict(os.environ, **faults(delay_s=1.5)), stdout=subprocess.PIPE,
+                             env=dict(os.environ, **faults(hold_until=release)), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     lock = tmp_path / "w" / "exp" / "embeddings" / "test_efficientnet" / "progress" / "rows_0000000000_0000000024.lock"
     deadline = time.time() + 120
@@ -236,6 +237,7 @@ def test_a_second_writer_of_a_shard_names_the_holder_and_stops(tmp_path, export)
     second = run_verb("extract", *args, cwd=tmp_path)
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1
     assert f"rows [0, 24) of {lock.parent.parent} are being embedded by pid {first.pid} on " in second.stderr
+    release.touch()
     assert first.wait(timeout=300) == 0
     done = run_verb("extract", *args, cwd=tmp_path)
     assert done.returncode == 0 and "already done" in done.stdout + done.stderr

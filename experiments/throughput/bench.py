@@ -42,7 +42,7 @@ from pinterest_cls.data.images import load_rgb
 from pinterest_cls.data.loader import collate_pins
 from pinterest_cls.embed.backbones import build_backbone
 from pinterest_cls.embed.device import amp_name, resolve_amp, resolve_device
-from pinterest_cls.embed.runner import make_runner
+from pinterest_cls.embed.runner import TorchOptions, make_runner
 from pinterest_cls.extract import extract
 from pinterest_cls.scan import scan
 
@@ -64,7 +64,8 @@ def model_alone(backbone, paths, batch_size, amp, n_images, device, channels_las
         runner = OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name, request_rows=16,
                                 threads=threads)
     else:
-        runner = make_runner(backbone, device, amp, "torch", channels_last, False, fold_bn=True)  # as extract does
+        # batch norms folded, as extract does
+        runner = make_runner(backbone, device, amp, "torch", TorchOptions(channels_last, fold_bn=True))
     pool = torch.stack([backbone.transform(Image.open(p).convert("RGB")) for p in paths[:batch_size]])
     runner(pool[:2])  # warm-up
     done, t0 = 0, time.perf_counter()

@@ -3,7 +3,7 @@ alone per runtime and precision (torch; OpenVINO in fp32, bf16 where the CPU has
 each pipeline's ``extract`` rate and its share of the bound, and what int8 does to the features.
 
     python experiments/throughput/cpu_bound.py [--n 1000] [--fashion 2000] [--dir /tmp/cpu_bound_bench]
-        [--out cpu_bound.json]
+        [--out cpu_bound.json] [--pairs N]
 
 (1) Data path, on one core, per generated 736 x 1100 JPEG pin (``data.demo.synthetic_export``): read and draft
 decode (Pillow, or OpenCV for ``extract.decode=opencv``), the backbone's transform (``extract.resize=tensor`` and
@@ -18,6 +18,9 @@ photos made 736 x 1100 pins; the test accuracy of a logistic regression (C=10) a
 L2-normalised features with fixed hyper-parameters (none chosen on the test set), on a board-wise split (boards of
 20 photos of one class, 20 % of the boards tested, seed 0), with 95 % bootstrap intervals over the test boards
 (1,000 resamples, seed 0). efficientnet_lite0 with its real weights throughout. Writes ``results/<--out>``.
+``--pairs N``: only (1), (2) and (4) for OpenVINO at ``extract.amp=auto`` with the tensor resize (Pillow's and
+OpenCV's decode), in N rounds, each share computed within its round: on a machine whose speed drifts the phases of
+one pass do not compare.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from pinterest_cls.embed.backbones import build_backbone
 from pinterest_cls.embed.device import cpu_has_native_bf16
 from pinterest_cls.embed.openvino_runtime import OpenVINORunner
 from pinterest_cls.embed.quantization import settings, store_int8_model
-from pinterest_cls.embed.runner import make_runner
+from pinterest_cls.embed.runner import TorchOptions, make_runner
 from pinterest_cls.extract import extract
 from pinterest_cls.scan import scan
 
@@ -105,8 +108,8 @@ def runners(backbone, int8_xml: Path, int8_all_xml: Path) -> dict:
     size = int(backbone.info["input_size"])
     native = cpu_has_native_bf16()
     out = {"torch " + ("bf16" if native else "fp32"):
-           make_runner(backbone, torch.device("cpu"), torch.bfloat16 if native else None, "torch", True, False,
-                       fold_bn=True),  # as extract runs it (extract.fold_bn)
+           make_runner(backbone, torch.device("cpu"), torch.bfloat16 if native else None, "torch",
+                       TorchOptions(fold_bn=True)),  # as extract runs it (extract.fold_bn)
            "openvino fp32": OpenVINORunner(backbone.model, (size, size), "fp32", backbone.name, ROWS)}
     if native:
         out["openvino bf16"] = OpenVINORunner(backbone.model, (size, size), "bf16", backbone.name, ROWS)
@@ -159,6 +162,38 @@ def accuracies(X: np.ndarray, y: np.ndarray, boards: np.ndarray, test: np.ndarra
     return out
 
 
+def rounds(backbones: dict, paths: list[str], stores: Path, common: list[str], n: int, cores: int) -> list[dict]:
+    """``--pairs``: OpenVINO's model alone at ``extract.amp=auto`` and its ``extract`` with the default data path
+    and with OpenCV's decode, each share computed from the data path, model and pipeline of one round."""
+    backbone = backbones["tensor"]
+    size = int(backbone.info["input_size"])
+    amp = "bf16" if cpu_has_native_bf16() else "fp32"
+    runner = OpenVINORunner(backbone.model, (size, size), amp, backbone.name, ROWS)
+    pool = torch.stack([backbone.transform(load_rgb(p, min_size=backbone.resize_size)) for p in paths[:BATCH]])
+    out = []
+    for i in range(n):
+        data = data_ms(backbones, paths[:300], passes=1)
+        rate = model_rate(runner, pool, 1024)
+        for decode in ("cpu", "opencv"):
+            shutil.rmtree(stores, ignore_errors=True)
+            meta = extract(make_cfg([*common, "extract.runtime=openvino", "extract.device=cpu",
+                                     f"extract.amp={'off' if amp == 'fp32' else amp}", "extract.resize=tensor",
+                                     f"extract.decode={decode}"]), progress=False)
+            b = meta["last_run"]["images_per_s"]
+            bound = cores * 1e3 / (cores * 1e3 / rate + data[f"{decode}/tensor"]["data_ms"])
+            row = {"round": i, "amp": amp, "decode": decode, "data_ms": data[f"{decode}/tensor"]["data_ms"],
+                   "model_alone": rate, "bound": bound, "extract_pins_per_s": b, "of_model_alone": b / rate,
+                   "of_bound": b / bound}
+            out.append(row)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    for decode in ("cpu", "opencv"):
+        mine = [r for r in out if r["decode"] == decode]
+        print(f"OpenVINO {amp}, extract.decode={decode}, resize=tensor, {n} rounds: of model alone "
+              f"{statistics.median(r['of_model_alone'] for r in mine):.2f}, of bound "
+              f"{statistics.median(r['of_bound'] for r in mine):.2f} (medians)", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1000, help="generated 736 x 1100 pins for the rates")
@@ -166,6 +201,10 @@ def main() -> None:
     ap.add_argument("--idx", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--dir", default="/tmp/cpu_bound_bench")
     ap.add_argument("--out", default="cpu_bound.json", help="the file written under results/ (one per machine)")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="only OpenVINO's pipelines at extract.amp=auto: the data path, the model alone and extract "
+                         "measured in turn this many times, each share from one round (for a machine whose speed "
+                         "drifts during a run), and their medians")
     args = ap.parse_args()
     base = Path(args.dir)
     os.environ.setdefault("PINTEREST_CLS_CACHE", str(base / "cache"))
@@ -183,6 +222,11 @@ def main() -> None:
 
     # (1) the data path
     backbones = {r: build_backbone("efficientnet_lite0", resize=r) for r in ("tensor", "pil")}
+    if args.pairs:
+        out["rounds"] = rounds(backbones, paths, work / export.name / "embeddings", common, args.pairs, cores)
+        (HERE / "results").mkdir(exist_ok=True)
+        (HERE / "results" / args.out).write_text(json.dumps(out, indent=1))
+        return
     out["data"] = data_ms(backbones, paths[:300])
     for key, row in out["data"].items():
         print(f"data path, extract.decode/resize={key}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()),

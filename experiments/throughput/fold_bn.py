@@ -37,7 +37,7 @@ from pinterest_cls.data.images import load_rgb
 from pinterest_cls.data.store import open_store
 from pinterest_cls.embed.backbones import build_backbone
 from pinterest_cls.embed.device import amp_name, cpu_has_native_bf16, resolve_amp
-from pinterest_cls.embed.runner import make_runner
+from pinterest_cls.embed.runner import TorchOptions, make_runner
 from pinterest_cls.extract import extract
 from pinterest_cls.scan import scan
 
@@ -61,7 +61,7 @@ def model_alone(name: str, paths: list[str], reps: int) -> dict:
     device = torch.device("cpu")
     amp = resolve_amp("auto", device)
     pool = torch.stack([backbone.transform(load_rgb(p, min_size=backbone.resize_size)) for p in paths])
-    run = {fold: make_runner(backbone, device, amp, "torch", True, False, None, None, fold_bn=fold)
+    run = {fold: make_runner(backbone, device, amp, "torch", TorchOptions(fold_bn=fold))
            for fold in (False, True)}
     times: dict = {False: [], True: []}
     out = {fold: run[fold](pool) for fold in (False, True)}  # warm-up, and the features

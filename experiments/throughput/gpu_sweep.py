@@ -38,7 +38,7 @@ from pinterest_cls.core.config import CONF_DIR
 from pinterest_cls.data.demo import synthetic_export
 from pinterest_cls.data.store import open_store
 from pinterest_cls.embed.backbones import build_backbone
-from pinterest_cls.embed.runner import make_runner
+from pinterest_cls.embed.runner import TorchOptions, make_runner
 from pinterest_cls.extract import extract
 from pinterest_cls.scan import scan
 
@@ -56,7 +56,7 @@ def make_cfg(overrides):
 def model_only(backbone, batch: int, n: int, device) -> float:
     """images/s of the model on a pinned uint8 batch, copied in and features copied out per batch."""
     size = int(backbone.info["input_size"])
-    runner = make_runner(backbone, device, torch.bfloat16, "torch", True, False, fold_bn=True)  # as extract does
+    runner = make_runner(backbone, device, torch.bfloat16, "torch", TorchOptions(fold_bn=True))  # as extract does
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     x = x.pin_memory() if device.type == "cuda" else x
     for _ in range(3):

@@ -19,7 +19,7 @@ from pinterest_cls.embed.backbones import Backbone, build_backbone
 from pinterest_cls.embed.device import INT8, resolve_amp, runtime_device
 from pinterest_cls.embed.openvino_runtime import OpenVINOOptions, check_runtime
 from pinterest_cls.embed.quantization import Int8Model, int8_model
-from pinterest_cls.embed.runner import make_runner
+from pinterest_cls.embed.runner import TorchOptions, make_runner
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ class Embedder:
     (a server) compiles its runtime once. ``amp``: the precision (``auto``, ``bf16``, ``fp16``, ``fp32``, as
     ``extract.amp``; for int8, the store's model as an ``embed.quantization.Int8Model``); ``dtype``: a store's
     dtype, whose rounding the features then get, so that they compare with the store's rows; ``runtime`` and
-    ``request_rows``: ``extract.runtime`` and OpenVINO's request shape; ``fold_bn``: ``extract.fold_bn`` (eager
-    PyTorch's batch norms folded into their convolutions, as ``extract`` does by default).
+    ``request_rows``: ``extract.runtime`` and OpenVINO's request shape. Eager PyTorch's batch norms are folded into
+    their convolutions, as ``extract.fold_bn`` does by default; ``for_store`` follows the store's setting.
 
     >>> from pinterest_cls import Embedder, build_backbone
     >>> embed = Embedder(build_backbone("efficientnet_lite0"))
@@ -53,7 +53,7 @@ class Embedder:
 
     def __init__(self, backbone, *, device: str = "auto", amp: str | Int8Model = "auto", draft: bool = True,
                  max_pixels: int | None = None, dtype: str | None = None, runtime: str = "torch",
-                 request_rows: int | None = None, fold_bn: bool = True):
+                 request_rows: int | None = None):
         runtime = check_runtime(runtime)
         self.backbone, self.draft, self.dtype = backbone, draft, dtype
         self.max_pixels = max_pixels or DEFAULT_MAX_PIXELS
@@ -64,8 +64,12 @@ class Embedder:
             raise UserError("amp=int8 embeds with a store's int8 model: use Embedder.for_store with the store's "
                             "int8 folder (or amp=Int8Model(model.xml))")
         openvino = OpenVINOOptions(request_rows, ir) if runtime == "openvino" and request_rows is not None else None
-        self.runner = make_runner(backbone, self.device, amp, runtime, openvino=openvino,
-                                  fold_bn=fold_bn and runtime == "torch")
+        self._settings = (amp, runtime, openvino)
+        self.runner = self._make_runner(fold_bn=True)
+
+    def _make_runner(self, fold_bn: bool):
+        amp, runtime, openvino = self._settings
+        return make_runner(self.backbone, self.device, amp, runtime, TorchOptions(fold_bn=fold_bn), openvino)
 
     @classmethod
     def for_store(cls, backbone, meta: StoreMeta, device: str = "auto", max_pixels: int | None = None,
@@ -87,9 +91,12 @@ class Embedder:
         if ex.amp is None:
             log.warning("note: the embeddings' meta.json does not record the precision they were made with (made "
                         "before it was recorded); embedding with extract.amp=auto as resolved on this device")
-        return cls(backbone, device=device, amp=ir or ex.amp or "auto", draft=ex.draft,
-                   max_pixels=max_pixels or ex.max_pixels, dtype=meta.dtype, runtime=ex.runtime,
-                   request_rows=ex.request_rows, fold_bn=ex.fold_bn)
+        embedder = cls(backbone, device=device, amp=ir or ex.amp or "auto", draft=ex.draft,
+                       max_pixels=max_pixels or ex.max_pixels, dtype=meta.dtype, runtime=ex.runtime,
+                       request_rows=ex.request_rows)
+        if ex.runtime == "torch" and not ex.fold_bn:  # a store from before extract.fold_bn, or made without it
+            embedder.runner = embedder._make_runner(fold_bn=False)
+        return embedder
 
     def __call__(self, paths: list[str], *, batch_size: int = 64, workers: int | None = None,
                  progress: bool = False) -> tuple[np.ndarray, list[str]]:

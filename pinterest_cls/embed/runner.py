@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,24 +57,35 @@ class Runner:
                       f"(set extract.micro_batch={self.micro_batch} to start there)")
 
 
+@dataclass(frozen=True)
+class TorchOptions:
+    """Eager PyTorch's settings (``extract.channels_last``, ``extract.compile``, ``extract.micro_batch``,
+    ``extract.fold_bn``: the batch norms folded into their convolutions, ``embed.folding``)."""
+
+    channels_last: bool = True
+    compile: bool = False
+    micro_batch: int | None = None
+    fold_bn: bool = False
+
+
 def make_runner(backbone, device: torch.device, amp: torch.dtype | None, runtime: str = "torch",
-                channels_last: bool = True, compile_: bool = False, micro_batch: int | None = None,
-                openvino: OpenVINOOptions | None = None, fold_bn: bool = False):
-    """The runner of ``backbone``'s model: ``Runner`` (eager PyTorch, optionally compiled, with ``fold_bn`` its
-    batch norms folded into their convolutions: ``embed.folding``) or, for ``runtime="openvino"``,
-    ``embed.openvino_runtime.OpenVINORunner`` with ``openvino``'s request rows (and, for ``amp="int8"``, its
-    quantized IR)."""
+                options: TorchOptions | None = None, openvino: OpenVINOOptions | None = None):
+    """The runner of ``backbone``'s model: ``Runner`` (eager PyTorch with ``options``) or, for
+    ``runtime="openvino"``, ``embed.openvino_runtime.OpenVINORunner`` with ``openvino``'s request rows (and, for
+    ``amp="int8"``, its quantized IR)."""
     if runtime == "openvino":
         size = int(backbone.info["input_size"])
         if openvino is None:
             raise ValueError("the OpenVINO runtime needs its options (extract.openvino.request_rows)")
         return OpenVINORunner(backbone.model, (size, size), amp_name(amp), backbone.name, openvino.request_rows,
                               ir=openvino.ir)
-    if fold_bn:
+    options = options or TorchOptions()
+    example = None
+    if options.fold_bn:
         size = int(backbone.info["input_size"])
-        example = torch.zeros(1, int(backbone.info.get("in_chans", 3)), size, size)
-    return Runner(prepare_model(backbone.model, device, channels_last, compile_, example if fold_bn else None),
-                  device, amp, channels_last, micro_batch)
+        example = torch.zeros(1, 3, size, size)
+    return Runner(prepare_model(backbone.model, device, options.channels_last, options.compile, example),
+                  device, amp, options.channels_last, options.micro_batch)
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device, channels_last: bool, compile_: bool,

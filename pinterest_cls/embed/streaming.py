@@ -37,7 +37,7 @@ from pinterest_cls.embed.backbones import build_backbone, check_resize
 from pinterest_cls.embed.calibration import calibrate, needs_calibration
 from pinterest_cls.embed.device import INT8, amp_name, resolve_amp, runtime_device
 from pinterest_cls.embed.openvino_runtime import OpenVINOOptions, check_runtime, openvino_version
-from pinterest_cls.embed.runner import Runner, make_runner
+from pinterest_cls.embed.runner import Runner, TorchOptions, make_runner
 
 log = logging.getLogger(__name__)
 
@@ -330,8 +330,9 @@ def _open_jobs(cfg: DictConfig, bcfgs: list[DictConfig], ok, s: RunSettings, cla
                                                ok["path"].tolist(), s.int8, s.request_rows,
                                                bool(cfg.extract.draft), int(cfg.scan.max_pixels))
         openvino = OpenVINOOptions(s.request_rows, ir) if s.runtime == "openvino" else None
-        runner = make_runner(backbone, s.device, s.amp, s.runtime, channels_last, bool(cfg.extract.compile),
-                             record.get("micro_batch", s.micro_batch), openvino, s.fold_bn)
+        options = TorchOptions(channels_last, bool(cfg.extract.compile), record.get("micro_batch", s.micro_batch),
+                               s.fold_bn)
+        runner = make_runner(backbone, s.device, s.amp, s.runtime, options, openvino)
         jobs.append(_Job(backbone, store, folder, record, runner))
     return metas, jobs, backbones
 
