@@ -286,3 +286,48 @@ def test_calibration_on_real_photos_falls_inside_the_measured_band(tmp_path):
     band = json.loads(BAND.read_text())["band"]
     assert band["min"] - MARGIN <= record["threshold"] <= band["max"] + MARGIN, (record["threshold"], band)
     assert record["recall_verified"]["reencoded"] >= 0.95 and record["recall_verified"]["cropped"] >= 0.75
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is missing (.ci/run installs it)")
+def test_look_alike_garments_whose_bands_agree_are_refused_while_their_own_copies_pass():
+    """Fashion-MNIST's closest look-alikes (each photo's nearest other by the pixels, among photos apart from the
+    development set and the experiment's): pairs whose two normalised bands agree above the floor, yet whose 28-px
+    originals differ by at least 4 grey levels on average with brightness and contrast fitted, are refused by the
+    low-pass residual; a downscaled and a re-encoded copy of each of their photos still pass."""
+    from pinterest_cls.data import pixel_match as pm
+    from pinterest_cls.data.copies import synthetic_copy
+    from pinterest_cls.finetuning.sources import read_idx
+
+    photos = read_idx(FASHION / "train-images-idx3-ubyte.gz")[20000:30000]
+    x = np.stack([np.asarray(Image.fromarray(a).resize((16, 16)), dtype=np.float32).ravel() for a in photos])
+    x -= x.mean(1, keepdims=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -1)
+    nearest = sims.argmax(1)
+    pairs = sorted({tuple(sorted((i, int(j)))) for i, j in enumerate(nearest)}, key=lambda p: -sims[p])[:60]
+
+    def grey(data: bytes) -> Image.Image:
+        return Image.open(io.BytesIO(data)).convert("L")
+
+    def fitted_difference(u: np.ndarray, v: np.ndarray) -> float:
+        """Mean absolute difference (grey levels) of two 28-px originals once ``v`` is fitted to ``u`` in brightness
+        and contrast (the check leaves both free)."""
+        u, v = u.astype(np.float64).ravel(), v.astype(np.float64).ravel()
+        vc = v - v.mean()
+        return float(np.abs(u - u.mean() - (u - u.mean()) @ vc / (vc @ vc) * vc).mean())
+
+    big = {i: jpeg(Image.fromarray(photos[i], "L").resize((112, 112), Image.BICUBIC), 90) for p in pairs for i in p}
+    refused, rng = [], np.random.default_rng(0)
+    for i, j in pairs:
+        a, b = pm._Picture(grey(big[i])), pm._Picture(grey(big[j]))
+        bands = min(pm._ncc(u, v) for u, v in zip(a.bands(pm.SIZE), b.bands(pm.SIZE)))
+        if bands >= MIN_PIXEL_SCORE and fitted_difference(photos[i], photos[j]) >= 4:
+            assert pm.copy_score(a.image, b.image, MIN_PIXEL_SCORE) < MIN_PIXEL_SCORE, (i, j)
+            refused.append((i, j))
+    assert len(refused) >= 5  # the bands alone would have passed these look-alikes
+    for i in {i for p in refused for i in p}:
+        original = Image.open(io.BytesIO(big[i])).convert("RGB")
+        for kind in ("downscaled", "reencoded"):
+            copy = grey(synthetic_copy(original, kind, rng))
+            assert pm.copy_score(original.convert("L"), copy, MIN_PIXEL_SCORE) >= MIN_PIXEL_SCORE, (i, kind)

@@ -111,9 +111,10 @@ def build(idx: Path, root: Path, n: int, per_kind: int, seed: int = 0, offset: i
     return pd.DataFrame(planted, columns=["original", "copy", "kind"])
 
 
-def measure(found: pd.DataFrame, pins: pd.DataFrame, planted: pd.DataFrame) -> dict:
+def measure(found: pd.DataFrame, pins: pd.DataFrame, planted: pd.DataFrame, originals: dict) -> dict:
     """Recall per kind, and false groups: groups that join two distinct photos (a copy belongs to its original's
-    photo)."""
+    photo), each with its photos and the mean absolute difference (grey levels of 255) of their 28-px originals
+    (``originals``: pin -> array)."""
     group = dict(zip(pins["pin"], found["group"].to_numpy()))
     photo = dict(zip(pins["pin"], pins["pin"]))
     photo.update(dict(zip(planted["copy"], planted["original"])))
@@ -124,8 +125,13 @@ def measure(found: pd.DataFrame, pins: pd.DataFrame, planted: pd.DataFrame) -> d
     photos_per_group = g.groupby("group")["photo"].nunique()
     distinct = len(pins) - len(planted)
     false = int((photos_per_group > 1).sum())
+    joined = []
+    for _, photos in g[g["group"].isin(photos_per_group.index[photos_per_group > 1])].groupby("group")["photo"]:
+        first, second = sorted(set(photos))[:2]
+        diff = np.abs(originals[first].astype(np.float32) - originals[second]).mean()
+        joined.append({"photos": sorted(set(photos)), "mean_grey_difference_28px": round(float(diff), 2)})
     return {"recall": recall, "false_groups": false, "false_groups_per_10k": false / distinct * 10_000,
-            "groups": int(len(photos_per_group))}
+            "groups": int(len(photos_per_group)), "false_group_photos": joined}
 
 
 def missed(found: pd.DataFrame, pins: pd.DataFrame, planted: pd.DataFrame, store, threshold: float | None,
@@ -199,6 +205,8 @@ def main() -> None:
           f"and {len(planted)} planted copies ({args.per_kind} of each of {', '.join(PLANTED)}); extract with "
           f"calibration {extract_s:.0f} s, of it calibration {calibration['seconds']} s; calibrated threshold "
           f"{calibration['threshold']}")
+    images = read_idx(Path(args.idx) / "train-images-idx3-ubyte.gz")[args.offset:args.offset + args.n]
+    originals = {f"p{i:05d}": im for i, im in enumerate(images)}
     cache = work / "export" / PIXEL_SCORES  # train's: the scores computed here are not computed again
     shutil.rmtree(cache, ignore_errors=True)
     out = {"n_pins": len(pins), "planted": len(planted), "per_kind": args.per_kind, "extract_s": extract_s,
@@ -211,7 +219,7 @@ def main() -> None:
         found = find_copies(digests, pins["path"].to_numpy(), policy, vectors=store.vectors,
                             rows=pins["row"].to_numpy(), cache=ScoreCache(cache))
         seconds = time.perf_counter() - t0
-        result = measure(found, pins, planted)
+        result = measure(found, pins, planted, originals)
         run = train(compose("train", [*over, *extra, "classifier=knn", "classifier.grid.k=[5]", "train.bootstrap=0",
                                       "train.log_pipeline=false", "sampling.max_per_category=null"]), progress=False)
         result.update(policy=policy.describe(), threshold=policy.threshold, seconds=seconds,
@@ -228,6 +236,11 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(f"{r['recall'][k]:.3f}" for k in PLANTED)
               + f" | {r['false_groups_per_10k']:.2f} ({r['false_groups']}) | {r['candidates']} ({r['rejected']}) | "
               f"{r['seconds']:.1f} |")
+    for name, r in out["policies"].items():
+        if r["false_group_photos"]:
+            print(f"\n{name}: false groups' 28-px originals differ by a mean of "
+                  + ", ".join(f"{j['mean_grey_difference_28px']:.1f}" for j in r["false_group_photos"])
+                  + " grey levels (of 255)")
     print(f"\nplanted copies straddling train's split (of {args.per_kind} per kind)\n\n| policy | "
           + " | ".join(PLANTED) + " | all |")
     print("|---|" + "---|" * (len(PLANTED) + 1))

@@ -16,9 +16,17 @@ Where the aligned score is below ``ALIGNED``, a crop is looked for, in both dire
    four edges are refined by a coordinate search down to an eighth of a pixel, scoring both bands, so that a crop
    of 75-100 % of each side, of any aspect ratio, scores near 1.
 
+The two bands are normalised, so a pair of look-alikes (two garments of one cut, photographed alike) can agree in
+both and differ only where one has a pocket or a longer sleeve. A third term sees that: the mean absolute residual
+(in grey levels) between the two images' low-pass (Gaussian blur of sigma 2.5 pixels, rim of ``TEMPLATE_MARGIN``
+left out) once the second is fitted to the first in brightness and contrast (least squares). Coding and
+resampling leave a copy within about a grey level of its original there, a different picture several;
+``1 - residual / RESIDUAL_SCALE`` enters the minimum, so that at the floor 0.97 a copy may differ by
+``0.03 * RESIDUAL_SCALE`` = 1.92 grey levels.
+
 Two different pictures of one scene, whose shared smooth background the bands leave out, score low. Measured on
 the development set (``experiments/repins/pixel_scores.py``): copies of every kind score >= 0.94 (99 % of them >=
-0.978), a Fashion-MNIST photo and its nearest distinct photo <= 0.942, different pictures of one demo scene
+0.976), a Fashion-MNIST photo and its nearest distinct photo <= 0.942, different pictures of one demo scene
 <= 0.76; so ``repins.min_pixel_score`` is 0.97. Deciding a pair against 0.97 takes under 1 ms when the images
 line up, about 15 ms for a crop and 18 ms for a photo and its nearest distinct photo (images decoded);
 ``ScoreCache`` keeps the scores by the files' content digests, so that a sweep verifies each pair once.
@@ -53,6 +61,9 @@ MIN_SCALE, SCALE_STEPS, REFINE_STEPS, REFINE_MARGIN = 0.75, 6, 3, 0.15
 #: development set scores >= 0.55 there, 99 % of them >= 0.71; the nearest distinct photos' median is 0.52), and
 #: after each level of refining (steps of 1, 1/2, 1/4, 1/8 pixel).
 INITIAL_MARGIN, LEVEL_MARGINS = 0.5, (0.08, 0.04, 0.02)
+#: The low-pass the residual term compares (Gaussian sigma, pixels of the compared images), and the residual (mean
+#: absolute grey levels, brightness and contrast fitted) that lowers the score by 1.
+RESIDUAL_SIGMA, RESIDUAL_SCALE = 2.5, 64.0
 
 
 @functools.lru_cache(maxsize=1024)
@@ -72,6 +83,13 @@ class _Picture:
     def __init__(self, image: Image.Image):
         self.image = image
         self._bands: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._low: np.ndarray | None = None
+
+    def low_pass(self) -> np.ndarray:
+        """The image squeezed to ``SIZE`` x ``SIZE`` and blurred by ``RESIDUAL_SIGMA`` (grey levels)."""
+        if self._low is None:
+            self._low = _low_pass(self.image.resize((SIZE, SIZE), Image.BILINEAR))
+        return self._low
 
     def bands(self, side: int) -> tuple[np.ndarray, np.ndarray]:
         """(fine, coarse) bands of the image squeezed to ``side`` x ``side``."""
@@ -100,6 +118,24 @@ def _bands(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
     h, w = a.shape
     fine, mid, coarse = (_blur_matrix(h, s) @ a @ _blur_matrix(w, s).T for s in SIGMAS)
     return fine - mid, mid - coarse
+
+
+def _low_pass(image: Image.Image) -> np.ndarray:
+    a = np.asarray(image, dtype=np.float32)
+    h, w = a.shape
+    return _blur_matrix(h, RESIDUAL_SIGMA) @ a @ _blur_matrix(w, RESIDUAL_SIGMA).T
+
+
+def residual_term(a: np.ndarray, b: np.ndarray) -> float:
+    """``1 - residual / RESIDUAL_SCALE``: the residual is the mean absolute difference (grey levels) of the low-pass
+    images ``a`` and ``b`` (``SIZE`` x ``SIZE``), their rim of ``TEMPLATE_MARGIN`` pixels left out, once ``b`` is
+    fitted to ``a`` in brightness and contrast by least squares."""
+    m = TEMPLATE_MARGIN
+    x, y = a[m:-m, m:-m].astype(np.float64).ravel(), b[m:-m, m:-m].astype(np.float64).ravel()
+    yc = y - y.mean()
+    gain = float((x - x.mean()) @ yc / (yc @ yc)) if float(yc @ yc) > 0 else 0.0
+    residual = float(np.abs(x - x.mean() - gain * yc).mean())
+    return 1.0 - residual / RESIDUAL_SCALE
 
 
 def _ncc(a: np.ndarray, b: np.ndarray) -> float:
@@ -146,10 +182,13 @@ def _box_score(a: Image.Image, box, b_bands) -> float:
     return min(_ncc(fine, b_bands[0]), _ncc(coarse, b_bands[1]))
 
 
-def _refine_box(a: Image.Image, box: list[float], b_bands, best: float, step: float, floor: float | None) -> float:
+def _refine_box(a: Image.Image, box: list[float], b_bands, best: float, step: float, floor: float | None
+                ) -> tuple[float, list[float]]:
     """A coordinate search over the window's four edges, from ``step`` pixels of ``a`` down to an eighth of it,
     given up at a level whose best is still more than ``LEVEL_MARGINS`` below ``floor`` (no copy gains that much
-    from a finer step)."""
+    from a finer step). A window that reaches ``floor`` is refined to the end all the same: the residual term is
+    taken on it, and a window off by a pixel leaves a residual that its copy would not. Returns (the best score,
+    its window)."""
     for level in range(REFINE_STEPS + 1):
         moved = True
         while moved:
@@ -161,10 +200,10 @@ def _refine_box(a: Image.Image, box: list[float], b_bands, best: float, step: fl
                     value = _box_score(a, trial, b_bands)
                     if value > best:
                         best, box, moved = value, trial, True
-        if floor is not None and (best >= floor or best < floor - LEVEL_MARGINS[min(level, len(LEVEL_MARGINS) - 1)]):
-            return best
+        if floor is not None and best < floor - LEVEL_MARGINS[min(level, len(LEVEL_MARGINS) - 1)]:
+            return best, box
         step /= 2
-    return best
+    return best, box
 
 
 def _crop_window(a: _Picture, b_bands) -> tuple[float, list[float], float]:
@@ -180,26 +219,36 @@ def _crop_window(a: _Picture, b_bands) -> tuple[float, list[float], float]:
     return bound, [dx * fx, dy * fy, (dx + SIZE) * fx, (dy + SIZE) * fy], max(fx, fy)
 
 
+def _window_residual(image: Image.Image, box, other: _Picture) -> float:
+    """``residual_term`` of the window ``box`` of ``image`` against ``other``."""
+    w, h = image.size
+    box = (max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3]))
+    return residual_term(_low_pass(image.resize((SIZE, SIZE), Image.BILINEAR, box=box)), other.low_pass())
+
+
 def _best_crop(a: _Picture, b: _Picture, floor: float | None) -> float:
     """The score of the window of either image (``MIN_SCALE``-100 % of each side, any position) that best matches
     the other: the coarse band's best window in each direction (an upper bound of the score), then, unless it is
     more than ``REFINE_MARGIN`` below ``floor`` (or its score on both bands more than ``INITIAL_MARGIN``), its four
     edges refined to a fraction of a pixel on both bands (a crop of any aspect ratio), the more promising direction
-    first."""
+    first; the refined window's score is the lower of its bands' and its residual term."""
     a_bands, b_bands = a.bands(SIZE), b.bands(SIZE)
-    tries = sorted([(*_crop_window(a, b_bands), a, b_bands), (*_crop_window(b, a_bands), b, a_bands)],
+    tries = sorted([(*_crop_window(a, b_bands), a, b_bands, b), (*_crop_window(b, a_bands), b, a_bands, a)],
                    key=lambda t: -t[0])
     if floor is not None and tries[0][0] < floor - REFINE_MARGIN:  # not near a copy: no refining
         return tries[0][0]
     best = -1.0
-    for bound, box, step, pic, template in tries:
+    for bound, box, step, pic, template, other in tries:
         if floor is not None and (bound < floor - REFINE_MARGIN or best >= floor):
             break
         first = _box_score(pic.image, box, template)
         if floor is not None and first < floor - INITIAL_MARGIN:  # the window is no crop of the other: not refined
             best = max(best, first)
             continue
-        best = max(best, _refine_box(pic.image, box, template, first, step, floor))
+        score, box = _refine_box(pic.image, box, template, first, step, floor)
+        if floor is None or score >= floor:  # the residual can only lower a score: needed where it could pass
+            score = min(score, _window_residual(pic.image, box, other))
+        best = max(best, score)
     return best
 
 
@@ -213,7 +262,9 @@ def copy_score(a: Image.Image, b: Image.Image, floor: float | None = None) -> fl
 def _score(a: _Picture, b: _Picture, floor: float | None) -> float:
     a_bands, b_bands = a.bands(SIZE), b.bands(SIZE)
     aligned = min(_ncc(x, y) for x, y in zip(a_bands, b_bands))
-    if aligned >= ALIGNED:  # a re-encoded, resized or stretched copy: no crop to look for
+    if aligned >= ALIGNED:  # the images line up (a re-encoded, resized or stretched copy): no crop to look for
+        if floor is None or aligned >= floor:  # the residual can only lower a score: needed where it could pass
+            aligned = min(aligned, residual_term(a.low_pass(), b.low_pass()))
         return aligned
     return max(aligned, _best_crop(a, b, floor))
 
@@ -251,12 +302,16 @@ def verify_pairs(paths_a, paths_b, floor: float | None = None, workers: int | No
 
 #: The folder of a data set's ``ScoreCache`` (beside its manifest).
 PIXEL_SCORES = "pixel_scores"
+#: The version of the score that ``ScoreCache`` parts record: parts of another version (an earlier method) are not
+#: read, so that a changed check never serves a score it would not give.
+METHOD = 2
 
 
 class ScoreCache:
     """Pixel scores already computed, keyed by the two files' content digests (sorted) and the ``floor`` they were
     computed for: a sweep's runs over one export verify each candidate pair once. Kept in ``folder`` as parquet
-    parts, one per run that added any (written whole, then renamed), so that parallel runs never write one file."""
+    parts, one per run that added any (written whole, then renamed), so that parallel runs never write one file;
+    parts written by another ``METHOD`` of the check are left unread."""
 
     def __init__(self, folder: Path | None):
         self.folder = None if folder is None else Path(folder)
@@ -266,6 +321,8 @@ class ScoreCache:
                 try:
                     t = pd.read_parquet(part)
                 except (OSError, ValueError):  # a part cut short: its pairs are verified again
+                    continue
+                if "method" not in t.columns or not (t["method"] == METHOD).all():  # another method's scores
                     continue
                 self.known.update(zip(zip(t["a"], t["b"], t["floor"]), t["score"]))
 
@@ -294,7 +351,7 @@ class ScoreCache:
     def _write(self, new: list) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         t = pd.DataFrame({"a": [k[0] for k, _ in new], "b": [k[1] for k, _ in new],
-                          "floor": [k[2] for k, _ in new], "score": [s for _, s in new]})
+                          "floor": [k[2] for k, _ in new], "score": [s for _, s in new], "method": METHOD})
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{len(new)}.parquet"
         tmp = self.folder / f".{name}.tmp"
         t.to_parquet(tmp, index=False)
