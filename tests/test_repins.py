@@ -118,7 +118,8 @@ def test_pixel_check_workers_run_one_blas_thread_each_where_a_plain_pool_inherit
 def test_pixel_scores_are_kept_by_content_and_a_fresh_run_reads_them_instead_of_the_files(tmp_path):
     """A run's pixel scores are kept by the two files' content digests: a new ScoreCache over the same folder
     gives them back once the files are gone (a recomputed score would be NaN), a pair in the other order too,
-    while a pair never scored, or scored for another floor, is computed (here: NaN, its files are missing)."""
+    while a pair never scored, or scored for another floor, is computed (here: NaN, its files are missing), and
+    parts written by another version of the check are not read."""
     from pinterest_cls.data import pixel_match
     from pinterest_cls.data.pixel_match import ScoreCache
 
@@ -141,6 +142,10 @@ def test_pixel_scores_are_kept_by_content_and_a_fresh_run_reads_them_instead_of_
     np.testing.assert_array_equal(again.scores(b, a, db, da, MIN_PIXEL_SCORE), first)
     assert np.isnan(again.scores(b[:1], b[1:2], db[:1], db[1:2], MIN_PIXEL_SCORE)).all()  # never scored
     assert np.isnan(again.scores(a[:1], b[:1], da[:1], db[:1], 0.5)).all()  # another floor
+    for part in (tmp_path / "scores").glob("*.parquet"):  # as an earlier version of the check wrote them
+        table = pd.read_parquet(part)
+        table.assign(method=pixel_match.METHOD - 1).to_parquet(part, index=False)
+    assert np.isnan(ScoreCache(tmp_path / "scores").scores(b, a, db, da, MIN_PIXEL_SCORE)).all()  # not served
 
 
 # --- real weights on the demo: calibration, audit, train, finetune, report ---------------------------------------
